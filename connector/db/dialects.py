@@ -1,0 +1,101 @@
+"""The statements that differ between databases, each behind one function switching on dialect.
+
+PostgreSQL and SQLite share ``INSERT ... ON CONFLICT``; MySQL and MariaDB have ``ON DUPLICATE KEY``
+and statement-level rollback; any other SQLAlchemy dialect gets a portable path built from plain
+INSERT, UPDATE and savepoints. ``portable=True`` forces that path, so it is tested on real databases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Table, bindparam, insert, update
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+# Rows per multi-row statement: well under SQLite's 32,766 bound parameters and PostgreSQL's 65,535.
+CHUNK_ROWS = 500
+
+_MYSQL_DUPLICATE_KEY = 1062
+
+
+def _native(conn: Connection, portable: bool) -> str:
+    return "portable" if portable else conn.dialect.name
+
+
+def _chunks(rows: Sequence[dict[str, Any]]) -> list[Sequence[dict[str, Any]]]:
+    return [rows[i : i + CHUNK_ROWS] for i in range(0, len(rows), CHUNK_ROWS)]
+
+
+def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], *, portable: bool = False) -> int:
+    """Insert ``rows``, skipping any whose key already exists; return how many were inserted.
+
+    On MySQL and in the portable path a multi-row statement is all or nothing: one existing key
+    skips its whole chunk, and the count says so. Callers treat any shortfall as a lost race.
+    """
+    inserted = 0
+    dialect = _native(conn, portable)
+    for chunk in _chunks(rows):
+        if dialect in ("postgresql", "sqlite"):
+            module = postgresql if dialect == "postgresql" else sqlite
+            # RETURNING counts what was inserted; rowcount is not reliable for this statement.
+            statement = module.insert(table).values(list(chunk)).on_conflict_do_nothing()
+            key = next(iter(table.primary_key.columns))
+            inserted += len(conn.execute(statement.returning(key)).all())
+        elif dialect in ("mysql", "mariadb"):
+            # Not INSERT IGNORE: that also turns truncation and other data errors into warnings.
+            # A duplicate key rolls back only the statement in InnoDB, so the transaction goes on.
+            try:
+                conn.execute(insert(table).values(list(chunk)))
+                inserted += len(chunk)
+            except IntegrityError as exc:
+                if exc.orig is None or exc.orig.args[0] != _MYSQL_DUPLICATE_KEY:
+                    raise
+        else:
+            try:
+                with conn.begin_nested():
+                    conn.execute(insert(table), list(chunk))
+                inserted += len(chunk)
+            except IntegrityError:
+                pass
+    return inserted
+
+
+def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], *, portable: bool = False) -> None:
+    """Insert ``rows`` or, where the primary key exists, overwrite every other column."""
+    if not rows:
+        return
+    key = [column.name for column in table.primary_key.columns]
+    others = [name for name in rows[0] if name not in key]
+    dialect = _native(conn, portable)
+    for chunk in _chunks(rows):
+        if dialect in ("postgresql", "sqlite"):
+            module = postgresql if dialect == "postgresql" else sqlite
+            statement = module.insert(table).values(list(chunk))
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=key, set_={name: statement.excluded[name] for name in others}
+                )
+            )
+        elif dialect in ("mysql", "mariadb"):
+            statement = mysql.insert(table).values(list(chunk))
+            conn.execute(statement.on_duplicate_key_update({name: statement.inserted[name] for name in others}))
+        else:
+            statement = (
+                update(table)
+                .where(*(table.c[name] == bindparam(f"k_{name}") for name in key))
+                .values({name: bindparam(f"v_{name}") for name in others})
+            )
+            params = [{**{f"k_{n}": row[n] for n in key}, **{f"v_{n}": row[n] for n in others}} for row in chunk]
+            conn.execute(statement, params)
+            # Rows the UPDATE found nothing for are new; executemany gives no per-row count, so
+            # insert whatever is still missing.
+            missing = [row for row in chunk if not _exists(conn, table, key, row)]
+            if missing:
+                conn.execute(insert(table), missing)
+
+
+def _exists(conn: Connection, table: Table, key: list[str], row: dict[str, Any]) -> bool:
+    clause = [table.c[name] == row[name] for name in key]
+    return conn.execute(table.select().with_only_columns(table.c[key[0]]).where(*clause)).first() is not None

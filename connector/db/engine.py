@@ -1,0 +1,77 @@
+"""Creating a SQLAlchemy engine that is safe for concurrent webhook writers on each database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+
+from connector.config import Config
+from connector.db.types import json_dumps
+from connector.errors import ConfigError
+
+# A bare "postgresql://" would pick psycopg2 and "mysql://" MySQLdb; neither is a dependency here.
+_DEFAULT_DRIVERS = {"postgresql": "psycopg", "postgres": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
+
+
+def normalize_url(database_url: str) -> URL:
+    """Parse a database URL, choosing the drivers this project installs where none is named."""
+    try:
+        url = make_url(database_url)
+    except Exception as exc:  # SQLAlchemy raises ArgumentError with the URL in it; keep it out.
+        raise ConfigError("database_url is not a valid SQLAlchemy URL") from exc
+    if url.drivername in _DEFAULT_DRIVERS:
+        backend = "postgresql" if url.drivername == "postgres" else url.drivername
+        url = url.set(drivername=f"{backend}+{_DEFAULT_DRIVERS[url.drivername]}")
+    if url.get_backend_name() in ("mysql", "mariadb") and "charset" not in url.query:
+        # The connection must speak utf8mb4 too, or 4-byte characters are mangled before they
+        # reach the utf8mb4 columns.
+        url = url.update_query_dict({"charset": "utf8mb4"})
+    return url
+
+
+def _setup_sqlite(engine: Engine, config: Config) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, decide when transactions begin (the documented recipe).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # WAL lets readers run beside the one writer; the busy timeout makes a second writer wait
+        # for the lock instead of failing at once; FULL sync means an acknowledged event survives
+        # a power cut, not only a crash.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(config.sqlite_busy_timeout_ms)}")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(connection: Any) -> None:
+        # IMMEDIATE takes the write lock up front. A deferred transaction that reads and then
+        # writes can deadlock against another one and fail with "database is locked" at once,
+        # without waiting for the busy timeout.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_engine_for(config: Config, **kwargs: Any) -> Engine:
+    """Return an engine for ``config.database_url`` with the per-database settings the store needs."""
+    url = normalize_url(config.database_url)
+    backend = url.get_backend_name()
+    options: dict[str, Any] = {"json_serializer": json_dumps, "pool_pre_ping": True}
+    if backend == "postgresql":
+        # A held lock fails the statement after lock_timeout, well before gunicorn's worker timeout,
+        # so the sender gets a 503 to retry rather than a dropped connection.
+        options["connect_args"] = {"options": f"-c lock_timeout={int(config.lock_timeout_ms)}"}
+    elif backend in ("mysql", "mariadb"):
+        # READ COMMITTED avoids InnoDB's gap locks on inserts of new ids, the main source of
+        # deadlocks between concurrent webhook writers.
+        options["isolation_level"] = "READ COMMITTED"
+        seconds = max(1, round(config.lock_timeout_ms / 1000))
+        options["connect_args"] = {"init_command": f"SET SESSION innodb_lock_wait_timeout={seconds}"}
+    elif backend == "sqlite":
+        options.pop("pool_pre_ping")
+    options.update(kwargs)
+    engine = create_engine(url, **options)
+    if backend == "sqlite":
+        _setup_sqlite(engine, config)
+    return engine

@@ -1,0 +1,253 @@
+"""The store: records events in the change log and applies them to current-state tables.
+
+Every event is recorded and applied in one transaction, so a change-log row exists exactly when
+its state change does. Concurrent writers of the same resource id serialise on that row's lock,
+taken before the change-log row is inserted, so ``seq`` order per resource is the order in which
+events were applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection, Engine, delete, select
+from sqlalchemy.exc import DBAPIError
+
+from connector.db import dialects
+from connector.db.schema import child_tables, events, state_tables
+from connector.errors import DatabaseUnavailable
+from connector.events import Event, Outcome, RowState, apply_event
+from connector.resources import RESOURCES, group_members, message_reactions, typed_columns
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Ids per ``IN (...)`` list when loading and locking rows.
+_ID_CHUNK = 500
+
+_CHILD_ROWS = {"group": group_members, "message": message_reactions}
+
+
+class LostRace(Exception):
+    """Another transaction wrote the same event id or created the same row first: run again."""
+
+
+# Errors that a fresh attempt can get past: deadlocks, serialization failures, lock and busy
+# timeouts, and connections dropped by a restarting server.
+_TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57014", "57P01", "08000", "08003", "08006"}
+_TRANSIENT_MYSQL_CODES = {1205, 1213, 2006, 2013}
+
+
+def is_transient(exc: DBAPIError) -> bool:
+    """Whether ``exc`` is worth retrying in a new transaction."""
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate in _TRANSIENT_SQLSTATES:
+        return True
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _TRANSIENT_MYSQL_CODES:
+        return True
+    message = str(orig).lower()
+    return "database is locked" in message or "database is busy" in message
+
+
+def _load_states(conn: Connection, resource: str, ids: Iterable[str]) -> dict[str, RowState]:
+    """Lock and read the rows for ``ids``, in id order so concurrent writers lock alike."""
+    table = state_tables[resource]
+    states: dict[str, RowState] = {}
+    ordered = sorted(set(ids))
+    for start in range(0, len(ordered), _ID_CHUNK):
+        chunk = ordered[start : start + _ID_CHUNK]
+        query = (
+            select(table.c.id, table.c._raw, table.c._last_action, table.c._event_id, table.c._deleted_at)
+            .where(table.c.id.in_(chunk))
+            .order_by(table.c.id)
+            .with_for_update()
+        )
+        for row in conn.execute(query).mappings():
+            states[row["id"]] = RowState(row["_raw"], row["_last_action"], row["_event_id"], row["_deleted_at"])
+    return states
+
+
+def state_row(resource: str, resource_id: str, state: RowState, synced_at: datetime) -> dict[str, Any]:
+    """The full current-state row for ``state``: typed columns plus the underscore columns."""
+    values, errors = typed_columns(RESOURCES[resource], state.raw)
+    if resource in _CHILD_ROWS:
+        _, child_error = _CHILD_ROWS[resource](state.raw)
+        if child_error:
+            errors[child_tables[resource][0].name] = child_error
+    return {
+        "id": resource_id,
+        **values,
+        "_raw": state.raw,
+        "_deleted_at": state.deleted_at,
+        "_event_id": state.event_id,
+        "_last_action": state.last_action,
+        "_synced_at": synced_at,
+        "_errors": errors or None,
+    }
+
+
+def _write_states(
+    conn: Connection,
+    resource: str,
+    changed: dict[str, RowState],
+    existing: set[str],
+    synced_at: datetime,
+    portable: bool,
+) -> None:
+    table = state_tables[resource]
+    rows = {rid: state_row(resource, rid, state, synced_at) for rid, state in changed.items()}
+    new = [row for rid, row in rows.items() if rid not in existing]
+    if new and dialects.insert_ignore(conn, table, new, portable=portable) != len(new):
+        raise LostRace(f"a concurrent writer created a {resource} row first")
+    # These rows are locked by this transaction, so overwriting them is safe.
+    dialects.upsert(conn, table, [row for rid, row in rows.items() if rid in existing], portable=portable)
+
+    if resource in child_tables:
+        child, parent_key = child_tables[resource]
+        ids = sorted(changed)
+        for start in range(0, len(ids), _ID_CHUNK):
+            conn.execute(delete(child).where(child.c[parent_key].in_(ids[start : start + _ID_CHUNK])))
+        children = [
+            {parent_key: rid, **child_row}
+            for rid, state in changed.items()
+            for child_row in _CHILD_ROWS[resource](state.raw)[0]
+        ]
+        if children:
+            for start in range(0, len(children), dialects.CHUNK_ROWS):
+                conn.execute(child.insert(), children[start : start + dialects.CHUNK_ROWS])
+
+
+def record_events(
+    conn: Connection, deliveries: Sequence[tuple[Event, datetime]], *, portable: bool = False
+) -> list[Outcome]:
+    """Record and apply ``deliveries`` (event, received_at) in order, inside the caller's transaction.
+
+    Returns one outcome per delivery. An event id already in the log, or earlier in the same batch,
+    is a ``duplicate`` and writes nothing.
+    """
+    seen: set[str] = set()
+    ids = [event.event_id for event, _ in deliveries]
+    for start in range(0, len(ids), _ID_CHUNK):
+        chunk = ids[start : start + _ID_CHUNK]
+        seen.update(conn.scalars(select(events.c.event_id).where(events.c.event_id.in_(chunk))))
+
+    fresh: list[tuple[Event, datetime]] = []
+    for event, received_at in deliveries:
+        if event.event_id not in seen:
+            seen.add(event.event_id)
+            fresh.append((event, received_at))
+
+    by_resource: dict[str, set[str]] = {}
+    for event, _ in fresh:
+        if event.known:
+            by_resource.setdefault(event.resource, set()).add(event.resource_id)
+    states = {resource: _load_states(conn, resource, rids) for resource, rids in sorted(by_resource.items())}
+    existing = {resource: set(loaded) for resource, loaded in states.items()}
+    changed: dict[str, dict[str, RowState]] = {resource: {} for resource in states}
+
+    log_rows: list[dict[str, Any]] = []
+    outcome_of: dict[str, Outcome] = {}
+    for event, received_at in fresh:
+        if event.known:
+            current = states[event.resource].get(event.resource_id)
+            outcome, new_state = apply_event(current, event, received_at)
+            if new_state is not None:
+                states[event.resource][event.resource_id] = new_state
+                changed[event.resource][event.resource_id] = new_state
+        else:
+            outcome = Outcome.UNKNOWN_TYPE
+        outcome_of[event.event_id] = outcome
+        log_rows.append(
+            {
+                "event_id": event.event_id,
+                "type": event.type,
+                "resource": event.resource,
+                "action": event.action,
+                "resource_id": event.resource_id,
+                "payload": event.payload,
+                "received_at": received_at,
+                "outcome": outcome.value,
+            }
+        )
+
+    synced_at = datetime.now(UTC)
+    for resource, rows in changed.items():
+        if rows:
+            _write_states(conn, resource, rows, existing[resource], synced_at, portable)
+    if log_rows and dialects.insert_ignore(conn, events, log_rows, portable=portable) != len(log_rows):
+        raise LostRace("a concurrent writer recorded the same event id first")
+
+    outcomes: list[Outcome] = []
+    for event, _ in deliveries:
+        outcomes.append(outcome_of.pop(event.event_id, Outcome.DUPLICATE))
+    return outcomes
+
+
+class EventStore:
+    """Records events durably: each call commits before it returns, or raises DatabaseUnavailable."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        retry_attempts: int = 5,
+        retry_budget_seconds: float = 2.5,
+        portable: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.retry_attempts = retry_attempts
+        self.retry_budget_seconds = retry_budget_seconds
+        self.portable = portable
+        self.retries = 0  # read by metrics
+
+    def record(self, event: Event, received_at: datetime | None = None) -> Outcome:
+        """Record and apply one event; return its outcome once the transaction has committed."""
+        return self.record_many([(event, received_at or datetime.now(UTC))])[0]
+
+    def record_many(self, deliveries: Sequence[tuple[Event, datetime]]) -> list[Outcome]:
+        """Record and apply a batch of (event, received_at) in one transaction, in order."""
+        return self.run_in_transaction(lambda conn: record_events(conn, deliveries, portable=self.portable))
+
+    def run_in_transaction(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a transaction, retrying lost races and transient database errors.
+
+        A deadlock, serialization failure or busy database is normal under concurrent writers and is
+        retried here with jittered back-off, within a time budget kept under the sender's patience.
+        Once that budget or the attempts run out, the error becomes :class:`DatabaseUnavailable`
+        (HTTP 503): the transaction rolled back, so nothing was half applied, and the sender retries.
+        """
+        deadline = time.monotonic() + self.retry_budget_seconds
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self.engine.begin() as conn:
+                    return work(conn)
+            except LostRace:
+                if attempt >= self.retry_attempts * 4:
+                    raise DatabaseUnavailable("kept losing races to concurrent writers") from None
+            except DBAPIError as exc:
+                if not is_transient(exc) or attempt >= self.retry_attempts or time.monotonic() > deadline:
+                    log.warning("database unavailable: %s", type(exc.orig or exc).__name__)
+                    raise DatabaseUnavailable(type(exc.orig or exc).__name__) from exc
+            self.retries += 1
+            time.sleep(min(0.5, 0.01 * 2**attempt) * random.random())
+
+    def current_revision(self) -> tuple[str, ...]:
+        """The Alembic revisions the database is at (empty when it was never migrated)."""
+        try:
+            with self.engine.connect() as conn:
+                return tuple(MigrationContext.configure(conn).get_current_heads())
+        except DBAPIError as exc:
+            raise DatabaseUnavailable(type(exc.orig or exc).__name__) from exc

@@ -1,0 +1,71 @@
+"""Column types that behave the same on SQLite, PostgreSQL and MySQL/MariaDB."""
+
+from __future__ import annotations
+
+import functools
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Integer, String, Text
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+# VARCHAR(255): identifiers. utf8mb4 at 4 bytes a character keeps a primary key within InnoDB's limit.
+Identifier = String(255)
+
+# MySQL's TEXT holds only 64 KiB; a message may be longer. LONGTEXT holds anything a body can carry.
+LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+
+# SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+Sequence = BigInteger().with_variant(Integer(), "sqlite")
+
+# ASCII-only JSON: \u0000 and lone surrogates stay escapes, which every database accepts in a JSON
+# or text column, so any document a sender signs can be stored exactly.
+json_dumps = functools.partial(json.dumps, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+
+
+class JSONText(TypeDecorator[Any]):
+    """JSON kept as LONGTEXT on MySQL and MariaDB.
+
+    MariaDB's JSON type is LONGTEXT with a ``json_valid`` CHECK, and that check refuses a lone
+    surrogate escape such as ``"\\ud800"`` that Python, PostgreSQL's ``json`` and SQLite accept. Without
+    the check the same text is stored on every database, and JSON_VALUE() and friends still work.
+    """
+
+    impl = mysql.LONGTEXT
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else json_dumps(value)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
+        return None if value is None else json.loads(value)
+
+
+# PostgreSQL's ``json`` (not ``jsonb``) keeps \u0000 and lone-surrogate escapes, which jsonb refuses.
+Document = JSON(none_as_null=True).with_variant(JSONText(), "mysql", "mariadb")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An instant in UTC: ``timestamptz`` on PostgreSQL, naive UTC elsewhere, always aware in Python."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime(timezone=dialect.name == "postgresql"))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

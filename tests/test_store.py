@@ -1,0 +1,184 @@
+"""The store on real SQLite, PostgreSQL and MariaDB: the change log, the state tables and the rules."""
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from connector.db.schema import events, group_members, message_reactions, state_tables
+from connector.db.store import EventStore
+from connector.events import Event, Outcome, parse_event
+from tests.conftest import encode, envelope
+
+
+@pytest.fixture(params=["native", "portable"])
+def any_store(request: pytest.FixtureRequest, engine: Engine) -> EventStore:
+    """The store with each database's native upsert path, and with the portable one."""
+    return EventStore(engine, portable=request.param == "portable")
+
+
+def make(event_type: str, payload: dict, event_id: str | None = None) -> Event:
+    return parse_event(encode(envelope(event_type, payload, event_id)))
+
+
+def row(engine: Engine, resource: str, resource_id: str):
+    table = state_tables[resource]
+    with engine.connect() as conn:
+        return conn.execute(select(table).where(table.c.id == resource_id)).mappings().one_or_none()
+
+
+def log(engine: Engine):
+    with engine.connect() as conn:
+        return conn.execute(select(events).order_by(events.c.seq)).mappings().all()
+
+
+def test_the_seed_example_lands_in_the_log_and_the_messages_table(any_store, engine, seed_body):
+    assert any_store.record(parse_event(seed_body)) is Outcome.APPLIED
+    [entry] = log(engine)
+    assert entry["event_id"] == "a056V7R7NmNRjl70"
+    assert (entry["type"], entry["resource"], entry["action"]) == ("message.updated", "message", "updated")
+    assert entry["resource_id"] == "SIuAFUNKdSYHZF2w" and entry["outcome"] == "applied"
+    assert entry["payload"]["message"].startswith("I\u2019m traveling")
+    assert entry["received_at"].tzinfo is not None
+
+    message = row(engine, "message", "SIuAFUNKdSYHZF2w")
+    assert message["conversation_id"] == "xgQQXg3hrtjh7AvZ"
+    assert message["contact_id"] == "WAz8eIbvDR60rouK"
+    assert message["contact"]["username"] == "KevinMcCallister"
+    assert message["created_at"] == datetime(1991, 12, 8, 23, 0, tzinfo=UTC)
+    assert message["read_at"] == datetime.fromtimestamp(705103200, UTC)
+    assert message["reactions"] == [] and message["attachments"] == []
+    assert message["_event_id"] == "a056V7R7NmNRjl70" and message["_deleted_at"] is None
+    assert message["_errors"] is None and message["_raw"]["message"] == message["message"]
+
+
+def test_a_redelivered_event_is_a_duplicate_and_adds_nothing(any_store, engine):
+    event = make("contact.created", {"id": "c1", "username": "kevin"}, "e1")
+    assert any_store.record(event) is Outcome.APPLIED
+    assert any_store.record(event) is Outcome.DUPLICATE
+    assert len(log(engine)) == 1
+
+
+def test_seq_increases_in_arrival_order(any_store, engine):
+    for i in range(5):
+        any_store.record(make("contact.updated", {"id": "c1", "username": f"v{i}"}, f"e{i}"))
+    entries = log(engine)
+    assert [e["event_id"] for e in entries] == [f"e{i}" for i in range(5)]
+    assert [e["seq"] for e in entries] == sorted(e["seq"] for e in entries)
+    assert row(engine, "contact", "c1")["username"] == "v4"
+
+
+def test_unknown_types_are_recorded_and_apply_nothing(any_store, engine):
+    assert any_store.record(make("reaction.created", {"id": "r1", "emoji": "x"})) is Outcome.UNKNOWN_TYPE
+    assert any_store.record(make("contact.archived", {"id": "c1"})) is Outcome.UNKNOWN_TYPE
+    assert [e["outcome"] for e in log(engine)] == ["unknown_type", "unknown_type"]
+    assert row(engine, "contact", "c1") is None
+
+
+def test_delete_is_terminal_and_keeps_the_last_values(any_store, engine):
+    any_store.record(make("contact.created", {"id": "c1", "username": "kevin"}))
+    assert any_store.record(make("contact.deleted", {"id": "c1"})) is Outcome.APPLIED
+    deleted = row(engine, "contact", "c1")
+    assert deleted["_deleted_at"] is not None and deleted["username"] == "kevin"
+    assert any_store.record(make("contact.updated", {"id": "c1", "username": "ghost"})) is Outcome.AFTER_DELETE
+    assert any_store.record(make("contact.created", {"id": "c1", "username": "ghost"})) is Outcome.AFTER_DELETE
+    assert row(engine, "contact", "c1") == deleted
+
+
+def test_a_delete_for_an_unseen_id_leaves_a_tombstone(any_store, engine):
+    any_store.record(make("group.deleted", {"id": "g1"}))
+    tombstone = row(engine, "group", "g1")
+    assert tombstone["_deleted_at"] is not None and tombstone["name"] is None
+
+
+def test_a_late_create_does_not_overwrite_an_update(any_store, engine):
+    any_store.record(make("conversation.updated", {"id": "v1", "is_muted": True}))
+    assert any_store.record(make("conversation.created", {"id": "v1", "is_muted": False})) is Outcome.STALE
+    assert row(engine, "conversation", "v1")["is_muted"] is True
+    assert [e["outcome"] for e in log(engine)] == ["applied", "stale"]
+
+
+def test_an_older_message_version_never_overwrites_a_newer_one(any_store, engine):
+    any_store.record(make("message.updated", {"id": "m1", "message": "v2", "updated_at": 200}))
+    assert any_store.record(make("message.updated", {"id": "m1", "message": "v1", "updated_at": 100})) is Outcome.STALE
+    assert row(engine, "message", "m1")["message"] == "v2"
+
+
+def test_absent_fields_keep_their_values_and_nulls_clear_them(any_store, engine):
+    any_store.record(make("contact.created", {"id": "c1", "username": "kevin", "display_name": "Kev"}))
+    any_store.record(make("contact.updated", {"id": "c1", "display_name": None, "phone_number": "1-800"}))
+    contact = row(engine, "contact", "c1")
+    assert (contact["username"], contact["display_name"], contact["phone_number"]) == ("kevin", None, "1-800")
+    assert contact["_raw"] == {"id": "c1", "username": "kevin", "display_name": None, "phone_number": "1-800"}
+
+
+def test_wrong_types_are_recorded_in_errors_and_the_rest_applies(any_store, engine):
+    outcome = any_store.record(
+        make("attachment.created", {"id": "a1", "file_size": "21 KB", "filename": "invoice.pdf", "created_at": 1e20})
+    )
+    assert outcome is Outcome.APPLIED
+    attachment = row(engine, "attachment", "a1")
+    assert attachment["filename"] == "invoice.pdf"
+    assert attachment["file_size"] is None and attachment["created_at"] is None
+    assert set(attachment["_errors"]) == {"file_size", "created_at"}
+    assert attachment["_raw"]["file_size"] == "21 KB"
+
+
+def test_unknown_fields_stay_queryable_in_raw(any_store, engine):
+    any_store.record(make("contact.created", {"id": "c1", "pronouns": "he/him", "nested": {"a": [1, 2]}}))
+    assert row(engine, "contact", "c1")["_raw"]["nested"] == {"a": [1, 2]}
+
+
+def test_child_tables_are_rewritten_from_the_merged_payload(any_store, engine):
+    any_store.record(make("group.created", {"id": "g1", "contacts": [{"username": "Hector"}, {"username": "Cedric"}]}))
+    any_store.record(make("group.updated", {"id": "g1", "name": "Plaza Hotel"}))
+    any_store.record(make("group.updated", {"id": "g1", "contacts": [{"id": "c9", "username": "Kevin"}]}))
+    with engine.connect() as conn:
+        members = conn.execute(select(group_members.c.contact_id, group_members.c.username)).all()
+    assert [tuple(m) for m in members] == [("c9", "Kevin")]
+
+    any_store.record(make("message.created", {"id": "m1", "reactions": [{"red_angry_face": ["Kate", "Peter"]}]}))
+    any_store.record(make("message.updated", {"id": "m1", "reactions": [{"thumbs_up": ["Kate"]}]}))
+    with engine.connect() as conn:
+        reactions = conn.execute(
+            select(message_reactions.c.message_id, message_reactions.c.emoji, message_reactions.c.username)
+        ).all()
+    assert [tuple(r) for r in reactions] == [("m1", "thumbs_up", "Kate")]
+
+
+def test_embedded_objects_never_touch_other_tables(any_store, engine):
+    any_store.record(
+        make(
+            "message.created",
+            {"id": "m1", "contact": {"id": "c1", "username": "k"}, "attachments": [{"id": "a1", "filename": "f"}]},
+        )
+    )
+    any_store.record(make("group.created", {"id": "g1", "contacts": [{"id": "c2", "username": "h"}]}))
+    assert row(engine, "contact", "c1") is None and row(engine, "contact", "c2") is None
+    assert row(engine, "attachment", "a1") is None
+
+
+def test_a_batch_applies_in_order_and_skips_repeats_within_it(any_store, engine):
+    now = datetime.now(UTC)
+    first = make("message.created", {"id": "m1", "message": "a", "updated_at": 1}, "e1")
+    batch = [
+        (first, now),
+        (make("message.updated", {"id": "m1", "message": "b", "updated_at": 2}, "e2"), now),
+        (first, now),
+        (make("message.updated", {"id": "m1", "message": "old", "updated_at": 1}, "e3"), now),
+    ]
+    outcomes = any_store.record_many(batch)
+    assert outcomes == [Outcome.APPLIED, Outcome.APPLIED, Outcome.DUPLICATE, Outcome.STALE]
+    assert row(engine, "message", "m1")["message"] == "b"
+    assert [e["event_id"] for e in log(engine)] == ["e1", "e2", "e3"]
+
+
+def test_awkward_text_is_stored_and_the_raw_value_kept_exactly(any_store, engine):
+    text = "nul\u0000 lone\ud800 emoji\U0001f600 rtl\u202e '; DROP TABLE coherent_events; --"
+    any_store.record(make("contact.created", {"id": "c1", "username": text}, "e1"))
+    contact = row(engine, "contact", "c1")
+    assert contact["_raw"]["username"] == text
+    assert contact["username"] == text.replace("\u0000", "\ufffd").replace("\ud800", "\ufffd")
+    assert log(engine)[0]["payload"]["username"] == text
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(events)) == 1
