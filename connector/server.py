@@ -1,0 +1,41 @@
+"""Running the app under gunicorn with the connector's own configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from connector.config import Config
+
+
+class ConnectorServer(BaseApplication):
+    """A gunicorn application that builds one app per worker, each with its own database pool."""
+
+    def __init__(self, config: Config) -> None:
+        self.config_ = config
+        super().__init__()
+
+    def load_config(self) -> None:
+        settings = {
+            "bind": self.config_.bind,
+            "workers": self.config_.workers,
+            "timeout": self.config_.timeout,
+            "graceful_timeout": self.config_.graceful_timeout,
+            "loglevel": self.config_.log_level,
+            # The control socket sits at one fixed path per user, which several receivers on one
+            # host would fight over; the connector does not use it.
+            "control_socket_disable": True,
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from connector.app import create_app
+
+        return create_app(self.config_)
+
+
+def run_gunicorn(config: Config) -> None:
+    """Serve until gunicorn is told to stop."""
+    ConnectorServer(config).run()
