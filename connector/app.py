@@ -10,6 +10,8 @@ from connector.config import Config
 from connector.db.engine import create_engine_for
 from connector.db.store import EventStore
 from connector.errors import DatabaseUnavailable, RequestRejected
+from connector.metrics import MetricsResource
+from connector.telemetry import RequestTelemetry
 from connector.webhooks import HealthResource, ReadinessResource, WebhookResource
 
 log = logging.getLogger(__name__)
@@ -48,11 +50,12 @@ def create_app(config: Config, store: EventStore | None = None) -> falcon.App:
     config.require_secrets()
     if store is None:
         store = EventStore(create_engine_for(config), retry_attempts=config.retry_attempts)
-    app = falcon.App()
+    app = falcon.App(middleware=[RequestTelemetry()])
     app.req_options.strip_url_path_trailing_slash = True
     app.add_route("/webhooks", WebhookResource(store, config))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadinessResource(store))
+    app.add_route("/metrics", MetricsResource())
     app.add_error_handler(Exception, _unexpected)
     app.add_error_handler(RequestRejected, _rejected)
     app.add_error_handler(
