@@ -200,6 +200,15 @@ def test_import_refuses_an_unmigrated_database(tmp_path):
     assert result.exit_code == 1 and "run `connector migrate`" in result.stderr
 
 
+def test_import_and_export_exit_3_when_the_database_cannot_be_reached(tmp_path):
+    url = f"postgresql://root@127.0.0.1:{free_port()}/nothing"
+    path = write_lines(tmp_path / "h.jsonl", history())
+    for args in (["import", str(path)], ["export"]):
+        result = run("--database-url", url, *args)
+        assert result.exit_code == 3 and "the database is unavailable: OperationalError" in result.stderr
+        assert "Traceback" not in result.output
+
+
 # --- export ----------------------------------------------------------------------------------------
 
 
