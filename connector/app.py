@@ -35,6 +35,13 @@ def _unavailable(
     }
 
 
+def _serialize_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
+    # Falcon's own errors (404, 405, ...) answer in the same {"error", "message"} shape as ours.
+    reason = exc.title.split(" ", 1)[-1].lower().replace(" ", "_") if exc.title else "http_error"
+    resp.content_type = falcon.MEDIA_JSON
+    resp.media = {"error": reason, "message": exc.description or exc.title}
+
+
 def _unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict) -> None:
     if isinstance(exc, falcon.HTTPError):  # Falcon's own 404, 405 and friends keep their answer
         raise exc
@@ -53,6 +60,7 @@ def create_app(config: Config, store: EventStore | None = None) -> falcon.App:
     app.add_route("/webhooks", WebhookResource(store, config))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadinessResource(store))
+    app.set_error_serializer(_serialize_http_error)
     app.add_error_handler(Exception, _unexpected)
     app.add_error_handler(RequestRejected, _rejected)
     app.add_error_handler(
