@@ -44,7 +44,7 @@ EVENTS_RECEIVED = Counter(
 )
 REQUESTS_REJECTED = Counter(
     "coherent_requests_rejected",
-    "Requests answered with an error, by reason (the 'error' code of the JSON answer, or http_<status>).",
+    "Requests answered with an error, by reason: the 'error' code of the JSON answer.",
     ["reason"],
 )
 REQUEST_DURATION = Histogram(

@@ -33,7 +33,7 @@ def summarize(req: falcon.Request, resp: falcon.Response, latency: float) -> Req
     outcome = getattr(req.context, "outcome", None)
     reason = getattr(req.context, "rejected", None)
     if reason is None and status >= 400:
-        reason = f"http_{status}"  # Falcon's own 404 and 405, or an unexpected 500
+        reason = f"http_{status}"  # an error answer that no handler named
     return RequestSummary(
         method=req.method,
         path=req.path,

@@ -61,6 +61,10 @@ class WebhookResource:
         req.context.outcome = outcome
         resp.media = {"event_id": event.event_id, "outcome": outcome.value}
 
+    def on_options(self, req: falcon.Request, resp: falcon.Response) -> None:
+        # Nothing to negotiate on a webhook endpoint; Falcon would otherwise answer 200.
+        raise falcon.HTTPMethodNotAllowed(["POST"])
+
 
 class HealthResource:
     """``GET /healthz``: the process is up."""

@@ -62,7 +62,7 @@ def test_each_request_gets_one_line_with_its_event_and_outcome(client, capsys, r
     assert str(refused["status"]) == "401" and refused["reason"] == "bad_signature" and "event_id" not in refused
     # A hostile path stays one line and cannot forge a field.
     assert hostile["path"] == '/no\nwhere" level=error' and hostile["level"] == "info"
-    assert hostile["reason"] == "http_404" and hostile["route"] == "unmatched"
+    assert hostile["reason"] == "not_found" and hostile["route"] == "unmatched"
     for secret_or_body in (SECRET, BODY_MARKER, headers["x-protocol-signature"]):
         assert secret_or_body not in output
 

@@ -63,7 +63,7 @@ def test_metrics_count_events_by_type_and_outcome_rejections_by_reason_and_laten
     assert delta("coherent_events_received_total", type="other", outcome="unknown_type") == 1
     assert delta("coherent_requests_rejected_total", reason="bad_signature") == 1
     assert delta("coherent_requests_rejected_total", reason="invalid_envelope") == 1
-    assert delta("coherent_requests_rejected_total", reason="http_404") == 1
+    assert delta("coherent_requests_rejected_total", reason="not_found") == 1
     webhook_ok = {"method": "POST", "route": "/webhooks", "status": "200"}
     assert delta("coherent_request_duration_seconds_count", **webhook_ok) == 3
     assert delta("coherent_request_duration_seconds_bucket", le="+Inf", **webhook_ok) == 3
