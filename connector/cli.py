@@ -152,6 +152,11 @@ def check(obj: _Context) -> None:
     report(True, "config", f"valid; database {url.render_as_string(hide_password=True)}")
     count = len(config.webhook_secrets)
     report(count > 0, "secrets", f"{count} configured" if count else "none configured: set CONNECTOR_WEBHOOK_SECRETS")
+    sqlite_file = url.database if url.get_backend_name() == "sqlite" and url.database != ":memory:" else None
+    if sqlite_file and not Path(sqlite_file).exists():
+        # Connecting would create an empty file, which a check must not do.
+        report(False, "database", f"no SQLite file at {sqlite_file}: `connector migrate` creates it")
+        raise click.exceptions.Exit(EXIT_PROBLEM)
     engine = create_engine_for(config)
     try:
         current = EventStore(engine).current_revision()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import zipfile
@@ -111,6 +112,10 @@ def test_check_passes_on_a_migrated_database_and_never_prints_the_secret(db_url)
 
 def test_check_fails_with_exit_1_on_an_unmigrated_database_or_a_missing_secret(tmp_path):
     url = f"sqlite:///{tmp_path / 'empty.db'}"
+    result = run("--database-url", url, "check")
+    assert result.exit_code == 1 and "FAILED  database: no SQLite file at" in result.stdout
+    assert not (tmp_path / "empty.db").exists()  # checking never creates the database
+    sqlite3.connect(tmp_path / "empty.db").close()
     result = run("--database-url", url, "check", secret=None)
     assert result.exit_code == 1
     assert "FAILED  secrets: none configured" in result.stdout
