@@ -23,6 +23,7 @@ from connector.db import dialects
 from connector.db.schema import child_tables, events, state_tables
 from connector.errors import DatabaseUnavailable
 from connector.events import Event, Outcome, RowState, apply_event
+from connector.metrics import DATABASE_ERRORS, DATABASE_RETRIES
 from connector.resources import RESOURCES, group_members, message_reactions, typed_columns
 
 log = logging.getLogger(__name__)
@@ -247,10 +248,12 @@ class EventStore:
                 if attempt >= self.retry_attempts * 4:
                     raise DatabaseUnavailable("kept losing races to concurrent writers") from None
             except DBAPIError as exc:
+                DATABASE_ERRORS.labels(type(exc.orig or exc).__name__).inc()
                 if not is_transient(exc) or attempt >= self.retry_attempts or time.monotonic() > deadline:
                     log.warning("database unavailable: %s: %s", _describe(exc), type(exc.orig or exc).__name__)
                     raise DatabaseUnavailable(_describe(exc)) from exc
             self.retries += 1
+            DATABASE_RETRIES.inc()
             time.sleep(min(0.5, 0.01 * 2**attempt) * random.random())
 
     def current_revision(self) -> tuple[str, ...]:
