@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http
+import json
 import logging
 
 import falcon
@@ -43,6 +45,18 @@ def _unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, para
     resp.media = {"error": "internal_error", "message": "an unexpected error occurred; it has been logged"}
 
 
+def _serialize_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
+    # Falcon's own answers (404, 405, an invalid method) in the same JSON shape as the connector's.
+    phrase = http.HTTPStatus(exc.status_code).phrase
+    message = exc.description or phrase
+    if exc.status_code == 405 and not exc.description:
+        # Falcon lists OPTIONS as allowed, but the webhook endpoint refuses it too.
+        allowed = [m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip() != "OPTIONS"]
+        message = f"{req.method} is not accepted on {req.path}; send {' or '.join(allowed)}"
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = json.dumps({"error": phrase.lower().replace(" ", "_"), "message": message}).encode()
+
+
 def create_app(config: Config, store: EventStore | None = None) -> falcon.App:
     """Build the WSGI app for ``config``; tests may hand in a ``store`` on an engine of their own."""
     config.require_secrets()
@@ -53,6 +67,7 @@ def create_app(config: Config, store: EventStore | None = None) -> falcon.App:
     app.add_route("/webhooks", WebhookResource(store, config))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadinessResource(store))
+    app.set_error_serializer(_serialize_http_error)
     app.add_error_handler(Exception, _unexpected)
     app.add_error_handler(RequestRejected, _rejected)
     app.add_error_handler(

@@ -61,6 +61,10 @@ class WebhookResource:
         req.context.outcome = outcome
         resp.media = {"event_id": event.event_id, "outcome": outcome.value}
 
+    def on_options(self, req: falcon.Request, resp: falcon.Response) -> None:
+        # Falcon answers OPTIONS itself by default; a webhook endpoint has nothing to offer to it.
+        raise falcon.HTTPMethodNotAllowed(["POST"], description="only POST is accepted on /webhooks")
+
 
 class HealthResource:
     """``GET /healthz``: the process is up."""
