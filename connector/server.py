@@ -26,6 +26,9 @@ class ConnectorServer(BaseApplication):
             # The control socket sits at one fixed path per user, which several receivers on one
             # host would fight over; the connector does not use it.
             "control_socket_disable": True,
+            # gunicorn answers a header line over its default 8 KiB with an HTML 431 of its own. A
+            # larger bound lets an oversized signature reach the app and get its JSON 401.
+            "limit_request_field_size": 32 * 1024,
         }
         for key, value in settings.items():
             self.cfg.set(key, value)
