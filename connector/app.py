@@ -61,7 +61,11 @@ def create_app(config: Config, store: EventStore | None = None) -> falcon.App:
     """Build the WSGI app for ``config``; tests may hand in a ``store`` on an engine of their own."""
     config.require_secrets()
     if store is None:
-        store = EventStore(create_engine_for(config), retry_attempts=config.retry_attempts)
+        store = EventStore(
+            create_engine_for(config),
+            retry_attempts=config.retry_attempts,
+            lock_timeout_seconds=max(config.lock_timeout_ms, config.sqlite_busy_timeout_ms) / 1000,
+        )
     app = falcon.App()
     app.req_options.strip_url_path_trailing_slash = True
     app.add_route("/webhooks", WebhookResource(store, config))
