@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import http
-import json
 import logging
 
 import falcon
@@ -37,24 +36,20 @@ def _unavailable(
     }
 
 
+def _serialize_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
+    # Falcon's own errors (404, 405, ...) answer in the same {"error", "message"} shape as ours.
+    # From the status, not the title: Falcon's titles vary ("405 Method Not Allowed", "Bad request").
+    reason = http.HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+    resp.content_type = falcon.MEDIA_JSON
+    resp.media = {"error": reason, "message": exc.description or exc.title}
+
+
 def _unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict) -> None:
     if isinstance(exc, falcon.HTTPError):  # Falcon's own 404, 405 and friends keep their answer
         raise exc
     log.exception("unexpected error handling %s %s", req.method, req.path)
     resp.status = falcon.HTTP_500
     resp.media = {"error": "internal_error", "message": "an unexpected error occurred; it has been logged"}
-
-
-def _serialize_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
-    # Falcon's own answers (404, 405, an invalid method) in the same JSON shape as the connector's.
-    phrase = http.HTTPStatus(exc.status_code).phrase
-    message = exc.description or phrase
-    if exc.status_code == 405 and not exc.description:
-        # Falcon lists OPTIONS as allowed, but the webhook endpoint refuses it too.
-        allowed = [m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip() != "OPTIONS"]
-        message = f"{req.method} is not accepted on {req.path}; send {' or '.join(allowed)}"
-    resp.content_type = falcon.MEDIA_JSON
-    resp.data = json.dumps({"error": phrase.lower().replace(" ", "_"), "message": message}).encode()
 
 
 def create_app(config: Config, store: EventStore | None = None) -> falcon.App:

@@ -62,8 +62,8 @@ class WebhookResource:
         resp.media = {"event_id": event.event_id, "outcome": outcome.value}
 
     def on_options(self, req: falcon.Request, resp: falcon.Response) -> None:
-        # Falcon answers OPTIONS itself by default; a webhook endpoint has nothing to offer to it.
-        raise falcon.HTTPMethodNotAllowed(["POST"], description="only POST is accepted on /webhooks")
+        # Nothing to negotiate on a webhook endpoint; Falcon would otherwise answer 200.
+        raise falcon.HTTPMethodNotAllowed(["POST"])
 
 
 class HealthResource:

@@ -277,8 +277,8 @@ def test_a_compressed_body_gets_415_and_is_not_decompressed(served, encoding):
 @pytest.mark.parametrize("method", [b"GET", b"PUT", b"PATCH", b"DELETE", b"OPTIONS", b"TRACE"])
 def test_any_method_but_post_gets_405_with_a_json_body(served, method):
     answer = raw_request(served.server.port, method, [(b"Content-Length", b"0")])
-    document = assert_rejected(answer, 405, {"method_not_allowed"})
-    assert "POST" in answer.headers["allow"] and "POST" in document["message"]
+    assert_rejected(answer, 405, {"method_not_allowed"})
+    assert "POST" in answer.headers["allow"]
 
 
 def test_head_gets_405_without_a_body(served):

@@ -63,6 +63,15 @@ def is_transient(exc: DBAPIError) -> bool:
     return "database is locked" in message or "database is busy" in message
 
 
+def _describe(exc: DBAPIError) -> str:
+    """A short, safe description of a database error: its kind, never its SQL or parameters."""
+    if exc.connection_invalidated or "connect" in str(exc.orig).lower():
+        return "cannot connect to the database"
+    if is_transient(exc):
+        return "the database is busy or locked"
+    return f"the database refused the write ({type(exc.orig or exc).__name__})"
+
+
 def _load_states(conn: Connection, resource: str, ids: Iterable[str]) -> dict[str, RowState]:
     """Lock and read the rows for ``ids``, in id order so concurrent writers lock alike."""
     table = state_tables[resource]
@@ -249,8 +258,8 @@ class EventStore:
                     raise DatabaseUnavailable("kept losing races to concurrent writers") from None
             except DBAPIError as exc:
                 if not is_transient(exc) or attempt >= self.retry_attempts or not self._another_wait_fits(deadline):
-                    log.warning("database unavailable: %s", type(exc.orig or exc).__name__)
-                    raise DatabaseUnavailable(type(exc.orig or exc).__name__) from exc
+                    log.warning("database unavailable: %s: %s", _describe(exc), type(exc.orig or exc).__name__)
+                    raise DatabaseUnavailable(_describe(exc)) from exc
             self.retries += 1
             time.sleep(min(_MAX_PAUSE, 0.01 * 2**attempt) * random.random())
 
@@ -263,4 +272,4 @@ class EventStore:
             with self.engine.connect() as conn:
                 return tuple(MigrationContext.configure(conn).get_current_heads())
         except DBAPIError as exc:
-            raise DatabaseUnavailable(type(exc.orig or exc).__name__) from exc
+            raise DatabaseUnavailable(_describe(exc)) from exc
