@@ -11,8 +11,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
 
+from connector.db import migrate
+from connector.db.engine import create_engine_for
 from connector.signing import sign
-from tests.conftest import SECRET, Gunicorn, encode, envelope, http
+from tests.conftest import SECRET, Gunicorn, encode, envelope, http, make_config, signed_headers
 
 pytestmark = pytest.mark.gunicorn
 
@@ -20,29 +22,44 @@ ROLE_SCRIPT = Path(__file__).parent.parent / "docs" / "receiver_role_postgresql.
 MARKER = "sensitive-body-text-7f3a"
 
 
-def test_logs_at_info_hold_no_secret_signature_or_body_and_answers_no_trace(tmp_path):
-    # An unmigrated database: every delivery fails in the database and is logged as a 503.
-    broken = Gunicorn(f"sqlite:///{tmp_path / 'unmigrated.db'}", workers=1, CONNECTOR_LOG_LEVEL="info").start()
+def _deliver_sensitive_requests(database_url: str) -> tuple[list[tuple[int, object]], str]:
+    """Send authentic, forged, malformed and compressed requests carrying MARKER; return the answers and the log."""
+    server = Gunicorn(database_url, workers=1, CONNECTOR_LOG_LEVEL="info").start()
     try:
         body = encode(envelope("contact.created", {"id": "c1", "username": MARKER}))
         answers = [
-            broken.post(body),  # authentic: 503, the table does not exist
-            broken.post(body, headers={"x-protocol-signature": "0" * 64}),  # 401
-            broken.post(MARKER.encode()),  # 400
+            server.post(body),
+            server.post(body, headers={"x-protocol-signature": sign(body, "a-guess")}),
+            server.post(MARKER.encode()),
+            server.post(body, headers={**signed_headers(body), "content-encoding": "gzip"}),
         ]
-        log = broken.output()
+        return [(status, answer) for status, _, answer in answers], server.output()
     finally:
-        broken.stop()
-    assert [status for status, _, _ in answers] == [503, 401, 400]
-    for _, _, answer in answers:
+        server.stop()
+
+
+def test_logs_at_info_hold_no_secret_signature_or_body_and_answers_no_trace(tmp_path):
+    working = f"sqlite:///{tmp_path / 'migrated.db'}"
+    engine = create_engine_for(make_config(working))
+    migrate.upgrade(engine)
+    engine.dispose()
+    answers, log = _deliver_sensitive_requests(working)
+    assert [status for status, _ in answers] == [200, 401, 400, 415]
+    # An unmigrated database: the authentic delivery fails in the database, and that is logged.
+    broken_answers, broken_log = _deliver_sensitive_requests(f"sqlite:///{tmp_path / 'unmigrated.db'}")
+    assert [status for status, _ in broken_answers] == [503, 401, 400, 415]
+    assert "database unavailable" in broken_log  # the failure is logged, at WARNING
+
+    body = encode(envelope("contact.created", {"id": "c1", "username": MARKER}))
+    for status, answer in answers + broken_answers:
         rendered = str(answer)
         assert "Traceback" not in rendered and 'File "' not in rendered and "coherent_events" not in rendered
-        assert MARKER not in rendered and SECRET not in rendered
-    assert "database unavailable" in log  # it did log the failure, at INFO or above
-    assert SECRET not in log
-    assert sign(body, SECRET) not in log and sign(MARKER.encode(), SECRET) not in log
-    assert MARKER not in log
-    assert not re.search(r"[0-9a-f]{64}", log)  # no signature-shaped value at all
+        assert MARKER not in rendered and SECRET not in rendered, (status, rendered)
+    for output in (log, broken_log):
+        assert "Booting worker" in output  # gunicorn's own INFO lines are in what we read
+        assert SECRET not in output and MARKER not in output
+        assert sign(body, SECRET) not in output and sign(MARKER.encode(), SECRET) not in output
+        assert not re.search(r"[0-9a-f]{64}", output)  # no signature-shaped value at all
 
 
 def _role_statements(role: str) -> list[str]:
