@@ -149,12 +149,18 @@ def test_awkward_values_never_break_a_query_of_the_history(engine):
         ),
         ("contact.updated", {"id": "c1", "phone_number": "emoji \U0001f600", "last_active_at": 10**15}, 1),
         ("attachment.created", {"id": "a1", "file_size": 2**70, "filename": 5}, 0),
+        ("message.created", {"id": "m1", "message": "long \u00e9" * 20_000, "updated_at": 1}, 0),
     )
+    [message] = versions(engine, "message")
+    assert message["message"] == "long \u00e9" * 20_000
     [first, second] = versions(engine, "contact")
     assert second["phone_number"] == "emoji \U0001f600"
     assert second["created_at"] is None and second["last_active_at"] is None  # wrong type, out of range
     assert second["_payload"]["last_active_at"] == 10**15
     assert first["_payload"]["username"] == "nul\u0000here"  # exact in _payload
+    assert first["username"] == "nul\ufffdhere"  # as in the state table
+    # SQLite cannot decode an unpaired surrogate into text: NULL there, U+FFFD as in the state table elsewhere.
+    assert first["display_name"] == (None if engine.dialect.name == "sqlite" else "lone \ufffd")
     [attachment] = versions(engine, "attachment")
     assert attachment["file_size"] is None and attachment["filename"] is None
     view = HISTORY["contact"]

@@ -90,15 +90,20 @@ RESOURCES = {
 MIN_TS, MAX_TS = -30_610_224_000, 253_402_300_799
 
 
-class Postgres:
-    # PostgreSQL refuses to decode \u0000 and unpaired surrogates, which the json column keeps; turn
-    # them into U+FFFD first, as the state tables' text columns do, so that no row makes a query fail.
-    LONE_HIGH = r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-    LONE_LOW = r"(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+# The JSON escapes that PostgreSQL and MariaDB cannot decode into text: \u0000, and a surrogate
+# escape without its partner (\ud83d\ude00 is a valid pair, an emoji). Both are replaced by the
+# escape of U+FFFD before a document is read, as the state tables' text columns have them.
+NUL = r"\u0000"
+FFFD = r"\ufffd"
+FFFD_REPLACEMENT = r"\\ufffd"  # in a regexp replacement a backslash must be doubled
+LONE_HIGH = r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+LONE_LOW = r"(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
 
+
+class Postgres:
     def doc(self, alias):
-        text = f"replace({alias}.payload::text, '\\u0000', '\\ufffd')"
-        text = f"regexp_replace(regexp_replace({text}, '{self.LONE_HIGH}', '\\\\ufffd', 'g'), '{self.LONE_LOW}', '\\\\ufffd', 'g')"
+        text = f"replace({alias}.payload::text, '{NUL}', '{FFFD}')"
+        text = f"regexp_replace(regexp_replace({text}, '{LONE_HIGH}', '{FFFD_REPLACEMENT}', 'g'), '{LONE_LOW}', '{FFFD_REPLACEMENT}', 'g')"
         return f"({text})::json"
 
     def carried(self, doc, field):
@@ -126,7 +131,8 @@ class Postgres:
 
 class SQLite:
     def doc(self, alias):
-        return f"{alias}.payload"
+        # json_extract would cut a text value short at \u0000; U+FFFD instead, as the state tables have.
+        return f"replace({alias}.payload, '{NUL}', '{FFFD}')"
 
     def carried(self, doc, field):
         return f"json_type({doc}, '$.{field}') IS NOT NULL"
@@ -161,9 +167,18 @@ class SQLite:
         return self._text(doc, "$.contact.id")
 
 
+def _mariadb_text(value):
+    """A MariaDB string expression for ``value`` that means the same whatever the sql_mode says of backslashes."""
+    pieces = [f"'{piece}'" for piece in value.split("\\")]
+    return f"CONCAT({', CHAR(92 USING utf8mb4), '.join(pieces)})"
+
+
 class MariaDB:
     def doc(self, alias):
-        return f"{alias}.payload"
+        # Unreplaced, one unpaired surrogate makes JSON_EXTRACT give NULL for every field.
+        text = f"REPLACE({alias}.payload, {_mariadb_text(NUL)}, {_mariadb_text(FFFD)})"
+        replacement = _mariadb_text(FFFD_REPLACEMENT)
+        return f"REGEXP_REPLACE(REGEXP_REPLACE({text}, {_mariadb_text(LONE_HIGH)}, {replacement}), {_mariadb_text(LONE_LOW)}, {replacement})"
 
     def carried(self, doc, field):
         return f"JSON_CONTAINS_PATH({doc}, 'one', '$.{field}')"
