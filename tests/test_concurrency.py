@@ -248,12 +248,17 @@ def seed_contact(engine: Engine) -> None:
         )
 
 
-def test_a_lock_held_briefly_is_waited_out_and_never_reaches_the_sender(impatient, db):
-    seed_contact(db)
-    body = encode(envelope("contact.updated", {"id": "c1", "username": "after"}, "held-briefly"))
-    blocker = Blocker(db, "held-briefly")
+def hold_event_key(engine: Engine, event_id: str, then_lock_contact: str | None = None) -> tuple[bytes, Blocker]:
+    """Seed contact c1 and start a blocker on ``event_id``; return the body of an update of c1 with that id."""
+    seed_contact(engine)
+    blocker = Blocker(engine, event_id, then_lock_contact)
     blocker.start()
     blocker.holding.wait(timeout=30)
+    return encode(envelope("contact.updated", {"id": "c1", "username": "after"}, event_id)), blocker
+
+
+def test_a_lock_held_briefly_is_waited_out_and_never_reaches_the_sender(impatient, db):
+    body, blocker = hold_event_key(db, "held-briefly")
     # Longer than one lock wait (200 ms, or MariaDB's minimum of 1 s), so the receiver must retry.
     threading.Timer(1.5 if db.dialect.name in ("mysql", "mariadb") else 0.6, blocker.release.set).start()
 
@@ -266,11 +271,7 @@ def test_a_lock_held_briefly_is_waited_out_and_never_reaches_the_sender(impatien
 
 
 def test_when_retries_run_out_the_sender_gets_503_and_nothing_was_half_applied(impatient, db):
-    seed_contact(db)
-    body = encode(envelope("contact.updated", {"id": "c1", "username": "after"}, "held-long"))
-    blocker = Blocker(db, "held-long")
-    blocker.start()
-    blocker.holding.wait(timeout=30)
+    body, blocker = hold_event_key(db, "held-long")
     try:
         status, headers, answer = impatient.post(body)
     finally:
@@ -294,11 +295,7 @@ def test_a_deadlock_with_another_transaction_is_retried_not_answered_5xx(databas
     # A normal receiver: its lock wait outlasts the database's deadlock check, so the deadlock happens.
     server = Gunicorn(database[0], workers=1).start()
     try:
-        seed_contact(db)
-        body = encode(envelope("contact.updated", {"id": "c1", "username": "after"}, "deadlocked"))
-        blocker = Blocker(db, "deadlocked", then_lock_contact="c1")
-        blocker.start()
-        blocker.holding.wait(timeout=30)
+        body, blocker = hold_event_key(db, "deadlocked", then_lock_contact="c1")
         # The receiver locks c1 and waits for the blocker's key; the blocker then asks for c1.
         threading.Timer(2, blocker.release.set).start()
         status, _, answer = server.post(body)
