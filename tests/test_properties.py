@@ -310,15 +310,15 @@ def read_table(engine: Engine, table) -> list[dict[str, Any]]:
 
 
 @settings(
-    max_examples=30,
+    max_examples=50,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(scenario=scenarios())
-def test_state_equals_the_rules_applied_to_the_change_log(engine, scenario):
+@given(scenario=scenarios(), portable=st.booleans())
+def test_state_equals_the_rules_applied_to_the_change_log(engine, scenario, portable):
     entities, true_order, batches = scenario
     empty_tables(engine)
-    store = EventStore(engine)
+    store = EventStore(engine, portable=portable)  # each database's native upserts, or the portable path
     first_arrival: list[str] = []
     for batch in batches:
         received_at = datetime.now(UTC)
