@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Iterator
 from datetime import datetime
 
-from sqlalchemy import Connection, Engine, delete, func, select, text
+from sqlalchemy import Connection, Engine, Table, delete, func, select, text
 from sqlalchemy.exc import DBAPIError
 from tqdm import tqdm
 
@@ -42,10 +42,10 @@ class RebuildReport:
     outcome_changes: int
 
 
-def _tables_in_lock_order() -> list:
+def _tables_in_lock_order() -> list[Table]:
     # The receiver locks state rows in resource-name order and then writes their child rows, so
     # taking the tables in that same order cannot deadlock against it.
-    tables = []
+    tables: list[Table] = []
     for resource in sorted(state_tables):
         tables.append(state_tables[resource])
         if resource in child_tables:
@@ -60,10 +60,9 @@ def _shut_out_writers(conn: Connection) -> None:
         conn.execute(text(f"SET LOCAL lock_timeout = '{_LOCK_WAIT_SECONDS}s'"))
         names = ", ".join(conn.dialect.identifier_preparer.format_table(table) for table in tables)
         conn.execute(text(f"LOCK TABLE {names} IN EXCLUSIVE MODE"))
-    elif dialect in ("mysql", "mariadb"):
-        conn.execute(text(f"SET SESSION innodb_lock_wait_timeout = {_LOCK_WAIT_SECONDS}"))
     # Emptying the tables inside the transaction is what locks them on MariaDB (every row and gap,
-    # under REPEATABLE READ); on SQLite the transaction already holds the only write lock.
+    # under REPEATABLE READ); on SQLite the transaction already holds the only write lock. Not
+    # TRUNCATE: PostgreSQL's would block readers too, and MariaDB's commits at once.
     for table in tables:
         conn.execute(delete(table))
 
@@ -100,20 +99,32 @@ def rebuild(engine: Engine, *, batch_size: int = DEFAULT_BATCH_SIZE, progress: b
 
 
 def _rebuild(engine: Engine, batch_size: int, progress: bool) -> RebuildReport:
-    replayed = changes = 0
     with engine.connect() as conn:
         if conn.dialect.name in ("mysql", "mariadb"):
             # One snapshot for the whole replay, and locks on gaps so that no new row appears.
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
-        with conn.begin():
-            _shut_out_writers(conn)
-            total = conn.scalar(select(func.count()).select_from(events))
-            with tqdm(total=total, unit="event", desc="rebuild", disable=not progress) as bar:
-                for batch in _log_batches(conn, batch_size):
-                    outcomes = apply_events(conn, [(event, received_at) for event, received_at, _ in batch])
-                    changes += sum(
-                        outcome.value != logged for (_, _, logged), outcome in zip(batch, outcomes, strict=True)
-                    )
-                    replayed += len(batch)
-                    bar.update(len(batch))
+            previous_wait = conn.scalar(text("SELECT @@SESSION.innodb_lock_wait_timeout"))
+            conn.execute(text(f"SET SESSION innodb_lock_wait_timeout = {_LOCK_WAIT_SECONDS}"))
+            conn.commit()
+            try:
+                return _replay(conn, batch_size, progress)
+            finally:
+                # The connection goes back to the pool; later users keep the configured lock wait.
+                conn.execute(text(f"SET SESSION innodb_lock_wait_timeout = {int(previous_wait)}"))
+                conn.commit()
+        return _replay(conn, batch_size, progress)
+
+
+def _replay(conn: Connection, batch_size: int, progress: bool) -> RebuildReport:
+    """Empty the tables and replay the log into them, all in one transaction."""
+    replayed = changes = 0
+    with conn.begin():
+        _shut_out_writers(conn)
+        total = conn.scalar(select(func.count()).select_from(events))
+        with tqdm(total=total, unit="event", desc="rebuild", disable=not progress) as bar:
+            for batch in _log_batches(conn, batch_size):
+                outcomes = apply_events(conn, [(event, received_at) for event, received_at, _ in batch])
+                changes += sum(outcome.value != logged for (_, _, logged), outcome in zip(batch, outcomes, strict=True))
+                replayed += len(batch)
+                bar.update(len(batch))
     return RebuildReport(replayed, changes)
