@@ -21,6 +21,9 @@ from connector.db import migrate
 from connector.db.engine import create_engine_for
 from connector.db.rebuild import rebuild
 from connector.db.schema import events, state_tables
+from connector.db.store import EventStore
+from connector.errors import DatabaseUnavailable
+from connector.events import Outcome, parse_event
 from tests.conftest import DATABASES, Gunicorn, empty_tables, encode, envelope, make_config
 from tests.test_rebuild import snapshot
 
@@ -322,4 +325,34 @@ def test_the_receivers_agree_with_a_rebuild_after_mixed_concurrent_traffic(recei
     answers = deliver_concurrently(receivers, bodies + rng.sample(bodies, 30))
     assert {status for status, _ in answers} == {200}
     assert len(log_rows(db)) == 120
+    assert_log_replays_to_the_live_tables(db)
+
+
+@pytest.mark.parametrize("database", ["postgresql", "mariadb"], indirect=True)
+def test_serialization_failures_under_serializable_isolation_are_retried_inside_the_connector(database, db):
+    # Under SERIALIZABLE, PostgreSQL fails a writer whose row a concurrent transaction changed (40001)
+    # and InnoDB's shared read locks deadlock (1213); the store must retry both, not give up.
+    serializable = create_engine_for(make_config(database[0]), isolation_level="SERIALIZABLE")
+    store = EventStore(serializable, retry_attempts=10)
+    deliveries = [
+        parse_event(encode(envelope("contact.updated", {"id": f"c{n % 2}", "username": f"u{n}"}))) for n in range(60)
+    ]
+    refused = []
+
+    def deliver(event):
+        for _attempt in range(20):  # a sender retries a 503
+            try:
+                return store.record(event)
+            except DatabaseUnavailable:
+                refused.append(event.event_id)
+        raise AssertionError(f"{event.event_id} was refused 20 times")
+
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            outcomes = list(pool.map(deliver, deliveries))
+    finally:
+        serializable.dispose()
+    assert store.retries > 0  # the failures happened, and were retried
+    assert set(outcomes) == {Outcome.APPLIED}
+    assert sorted(row["event_id"] for row in log_rows(db)) == sorted(event.event_id for event in deliveries)
     assert_log_replays_to_the_live_tables(db)
