@@ -163,8 +163,8 @@ def test_creates_updates_and_a_delete_racing_end_deleted_and_stay_deleted(receiv
 # receiver has by then already written the state row, so a rollback that left it behind would show.
 
 
-@pytest.fixture
-def impatient(database, db) -> Iterator[Gunicorn]:
+@pytest.fixture(scope="module")
+def impatient(database) -> Iterator[Gunicorn]:
     """One receiver that gives up waiting for a lock after 200 ms (1 s on MariaDB) and retries."""
     server = Gunicorn(
         database[0],
