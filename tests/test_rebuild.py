@@ -165,3 +165,9 @@ def test_deliveries_during_a_rebuild_wait_and_are_neither_lost_nor_doubled(engin
     live = snapshot(engine)
     rebuild(engine, progress=False)
     assert snapshot(engine) == live
+
+
+def test_the_rebuild_command_refuses_an_unmigrated_database(tmp_path):
+    result = CliRunner().invoke(cli, ["--database-url", f"sqlite:///{tmp_path / 'empty.db'}", "rebuild"])
+    assert result.exit_code == 1
+    assert "run `connector migrate`" in result.output
