@@ -141,6 +141,41 @@ def _write_states(
                 conn.execute(child.insert(), children[start : start + dialects.CHUNK_ROWS])
 
 
+def apply_events(
+    conn: Connection, deliveries: Sequence[tuple[Event, datetime]], *, portable: bool = False
+) -> list[Outcome]:
+    """Apply ``deliveries`` to the state and child tables in order, inside the caller's transaction.
+
+    Returns one outcome per delivery. The change log is not touched: :func:`record_events` writes it,
+    and ``connector rebuild`` replays it through here.
+    """
+    by_resource: dict[str, set[str]] = {}
+    for event, _ in deliveries:
+        if event.known:
+            by_resource.setdefault(event.resource, set()).add(event.resource_id)
+    states = {resource: _load_states(conn, resource, rids) for resource, rids in sorted(by_resource.items())}
+    existing = {resource: set(loaded) for resource, loaded in states.items()}
+    changed: dict[str, dict[str, RowState]] = {resource: {} for resource in states}
+
+    outcomes: list[Outcome] = []
+    for event, received_at in deliveries:
+        if event.known:
+            current = states[event.resource].get(event.resource_id)
+            outcome, new_state = apply_event(current, event, received_at)
+            if new_state is not None:
+                states[event.resource][event.resource_id] = new_state
+                changed[event.resource][event.resource_id] = new_state
+        else:
+            outcome = Outcome.UNKNOWN_TYPE
+        outcomes.append(outcome)
+
+    synced_at = datetime.now(UTC)
+    for resource, rows in changed.items():
+        if rows:
+            _write_states(conn, resource, rows, existing[resource], synced_at, portable)
+    return outcomes
+
+
 def record_events(
     conn: Connection, deliveries: Sequence[tuple[Event, datetime]], *, portable: bool = False
 ) -> list[Outcome]:
@@ -161,25 +196,9 @@ def record_events(
             seen.add(event.event_id)
             fresh.append((event, received_at))
 
-    by_resource: dict[str, set[str]] = {}
-    for event, _ in fresh:
-        if event.known:
-            by_resource.setdefault(event.resource, set()).add(event.resource_id)
-    states = {resource: _load_states(conn, resource, rids) for resource, rids in sorted(by_resource.items())}
-    existing = {resource: set(loaded) for resource, loaded in states.items()}
-    changed: dict[str, dict[str, RowState]] = {resource: {} for resource in states}
-
-    log_rows: list[dict[str, Any]] = []
     outcome_of: dict[str, Outcome] = {}
-    for event, received_at in fresh:
-        if event.known:
-            current = states[event.resource].get(event.resource_id)
-            outcome, new_state = apply_event(current, event, received_at)
-            if new_state is not None:
-                states[event.resource][event.resource_id] = new_state
-                changed[event.resource][event.resource_id] = new_state
-        else:
-            outcome = Outcome.UNKNOWN_TYPE
+    log_rows: list[dict[str, Any]] = []
+    for (event, received_at), outcome in zip(fresh, apply_events(conn, fresh, portable=portable), strict=True):
         outcome_of[event.event_id] = outcome
         log_rows.append(
             {
@@ -193,11 +212,6 @@ def record_events(
                 "outcome": outcome.value,
             }
         )
-
-    synced_at = datetime.now(UTC)
-    for resource, rows in changed.items():
-        if rows:
-            _write_states(conn, resource, rows, existing[resource], synced_at, portable)
     if log_rows and dialects.insert_ignore(conn, events, log_rows, portable=portable) != len(log_rows):
         raise LostRace("a concurrent writer recorded the same event id first")
 
