@@ -45,6 +45,11 @@ class LostRace(Exception):
 _TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57014", "57P01", "08000", "08003", "08006"}
 _TRANSIENT_MYSQL_CODES = {1205, 1213, 2006, 2013}
 
+# Of those, the ones that mean a whole lock or busy timeout was waited out: the lock is held by a
+# long transaction, so another attempt would likely wait that long again.
+_LOCK_WAIT_SQLSTATES = {"55P03", "57014"}
+_LOCK_WAIT_MYSQL_CODES = {1205}
+
 # The longest back-off between two attempts.
 _MAX_PAUSE = 0.2
 
@@ -62,6 +67,17 @@ def is_transient(exc: DBAPIError) -> bool:
         return True
     message = str(orig).lower()
     return "database is locked" in message or "database is busy" in message
+
+
+def waited_out_a_lock(exc: DBAPIError) -> bool:
+    """Whether ``exc`` ended a whole lock wait (as opposed to a deadlock or a dropped connection)."""
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in _LOCK_WAIT_SQLSTATES:
+        return True
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _LOCK_WAIT_MYSQL_CODES:
+        return True
+    return "database is locked" in str(orig).lower()
 
 
 def _describe(exc: DBAPIError) -> str:
@@ -256,10 +272,12 @@ class EventStore:
         Once that budget or the attempts run out, the error becomes :class:`DatabaseUnavailable`
         (HTTP 503): the transaction rolled back, so nothing was half applied, and the sender retries.
 
-        A retry starts only if it could wait out a whole lock timeout and still end within the
-        budget. Without that rule, a lock held elsewhere cost one lock timeout per attempt (2 s, then
-        4 s, ...), and a request on a locked row could run into gunicorn's worker timeout instead of
-        getting its 503. With it, a request takes at most the larger of the budget and one lock timeout.
+        After a lock wait timed out, a retry starts only if it could wait out a whole lock timeout
+        again and still end within the budget. Without that rule, a lock held elsewhere cost one lock
+        timeout per attempt (2 s, then 4 s, ...), and a request on a locked row could run into
+        gunicorn's worker timeout instead of getting its 503. A deadlock, serialization failure or
+        dropped connection is different: the other party has moved on, so a retry is likely to
+        succeed at once and is tried whenever any of the budget is left.
         """
         deadline = time.monotonic() + self.retry_budget_seconds
         attempt = 0
@@ -273,15 +291,16 @@ class EventStore:
                     raise DatabaseUnavailable("kept losing races to concurrent writers") from None
             except DBAPIError as exc:
                 DATABASE_ERRORS.labels(type(exc.orig or exc).__name__).inc()
-                if not is_transient(exc) or attempt >= self.retry_attempts or not self._another_wait_fits(deadline):
+                if not is_transient(exc) or attempt >= self.retry_attempts or not self._retry_fits(exc, deadline):
                     log.warning("database unavailable: %s: %s", _describe(exc), type(exc.orig or exc).__name__)
                     raise DatabaseUnavailable(_describe(exc)) from exc
             self.retries += 1
             DATABASE_RETRIES.inc()
             time.sleep(min(_MAX_PAUSE, 0.01 * 2**attempt) * random.random())
 
-    def _another_wait_fits(self, deadline: float) -> bool:
-        return time.monotonic() + _MAX_PAUSE + self.lock_timeout_seconds <= deadline
+    def _retry_fits(self, exc: DBAPIError, deadline: float) -> bool:
+        wait = self.lock_timeout_seconds if waited_out_a_lock(exc) else 0.0
+        return time.monotonic() + _MAX_PAUSE + wait <= deadline
 
     def current_revision(self) -> tuple[str, ...]:
         """The Alembic revisions the database is at (empty when it was never migrated)."""
