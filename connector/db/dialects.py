@@ -39,10 +39,12 @@ def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]
     for chunk in _chunks(rows):
         if dialect in ("postgresql", "sqlite"):
             module = postgresql if dialect == "postgresql" else sqlite
-            # RETURNING counts what was inserted; rowcount is not reliable for this statement.
-            statement = module.insert(table).values(list(chunk)).on_conflict_do_nothing()
+            # RETURNING counts what was inserted; rowcount is not reliable for this statement. The
+            # rows go as parameters, not inlined with .values(), so the statement is compiled once
+            # and cached; SQLAlchemy still sends one multi-row INSERT per batch ("insertmanyvalues").
             key = next(iter(table.primary_key.columns))
-            inserted += len(conn.execute(statement.returning(key)).all())
+            statement = module.insert(table).on_conflict_do_nothing().returning(key)
+            inserted += len(conn.execute(statement, list(chunk)).all())
         elif dialect in ("mysql", "mariadb"):
             # Not INSERT IGNORE: that also turns truncation and other data errors into warnings.
             # A duplicate key rolls back only the statement in InnoDB, so the transaction goes on.
@@ -72,11 +74,12 @@ def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], *, po
     for chunk in _chunks(rows):
         if dialect in ("postgresql", "sqlite"):
             module = postgresql if dialect == "postgresql" else sqlite
-            statement = module.insert(table).values(list(chunk))
+            statement = module.insert(table)
             conn.execute(
                 statement.on_conflict_do_update(
                     index_elements=key, set_={name: statement.excluded[name] for name in others}
-                )
+                ),
+                list(chunk),
             )
         elif dialect in ("mysql", "mariadb"):
             statement = mysql.insert(table).values(list(chunk))
