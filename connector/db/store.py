@@ -115,7 +115,9 @@ def _write_states(
 
     if resource in child_tables:
         child, parent_key = child_tables[resource]
-        ids = sorted(changed)
+        # Only rows that existed before this transaction can have child rows to replace; a row it
+        # creates has none yet (and if a concurrent writer created it first, LostRace was raised).
+        ids = sorted(rid for rid in changed if rid in existing)
         for start in range(0, len(ids), _ID_CHUNK):
             conn.execute(delete(child).where(child.c[parent_key].in_(ids[start : start + _ID_CHUNK])))
         children = [
