@@ -37,13 +37,19 @@ def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]
     inserted = 0
     dialect = _native(conn, portable)
     for chunk in _chunks(rows):
-        if dialect in ("postgresql", "sqlite"):
-            module = postgresql if dialect == "postgresql" else sqlite
+        if dialect == "postgresql":
+            # psycopg's executemany sends the rows in pipeline mode as one prepared statement, and
+            # its rowcount is the sum over the rows: 1 for each inserted, 0 for each skipped. A
+            # multi-row INSERT ... RETURNING would make psycopg parse a query with thousands of
+            # placeholders for every batch, which cost more than the database's work.
+            statement = postgresql.insert(table).on_conflict_do_nothing().execution_options(preserve_rowcount=True)
+            inserted += conn.execute(statement, list(chunk)).rowcount
+        elif dialect == "sqlite":
             # RETURNING counts what was inserted; rowcount is not reliable for this statement. The
             # rows go as parameters, not inlined with .values(), so the statement is compiled once
             # and cached; SQLAlchemy still sends one multi-row INSERT per batch ("insertmanyvalues").
             key = next(iter(table.primary_key.columns))
-            statement = module.insert(table).on_conflict_do_nothing().returning(key)
+            statement = sqlite.insert(table).on_conflict_do_nothing().returning(key)
             inserted += len(conn.execute(statement, list(chunk)).all())
         elif dialect in ("mysql", "mariadb"):
             # Not INSERT IGNORE: that also turns truncation and other data errors into warnings.
