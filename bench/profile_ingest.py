@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=3000)
     parser.add_argument("--no-profile", action="store_true", help="only time it")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--sort", default="cumulative", help="pstats sort key: cumulative, tottime, ...")
     args = parser.parse_args()
 
     common.banner(f"in-process ingest profile: {args.events} events, one at a time")
@@ -75,7 +76,7 @@ def main() -> None:
     print(f"round trips per event (statements + COMMIT): {sum(per_event.values()) + 1:.2f}")
     if profiler:
         out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.top)
+        pstats.Stats(profiler, stream=out).sort_stats(args.sort).print_stats(args.top)
         print(out.getvalue())
 
 
