@@ -7,10 +7,11 @@ INSERT, UPDATE and savepoints. ``portable=True`` forces that path, so it is test
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, insert, update
+from sqlalchemy import Connection, Insert, Table, bindparam, insert, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -28,6 +29,21 @@ def _chunks(rows: Sequence[dict[str, Any]]) -> list[Sequence[dict[str, Any]]]:
     return [rows[i : i + CHUNK_ROWS] for i in range(0, len(rows), CHUNK_ROWS)]
 
 
+# Statements are built once per table: building one costs more CPU than executing it.
+@functools.cache
+def _insert_or_skip(table: Table, dialect: str) -> Insert:
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing().execution_options(preserve_rowcount=True)
+    return sqlite.insert(table).on_conflict_do_nothing().returning(next(iter(table.primary_key.columns)))
+
+
+@functools.cache
+def _insert_or_overwrite(table: Table, dialect: str, others: tuple[str, ...]) -> Insert:
+    statement = (postgresql if dialect == "postgresql" else sqlite).insert(table)
+    key = [column.name for column in table.primary_key.columns]
+    return statement.on_conflict_do_update(index_elements=key, set_={name: statement.excluded[name] for name in others})
+
+
 def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], *, portable: bool = False) -> int:
     """Insert ``rows``, skipping any whose key already exists; return how many were inserted.
 
@@ -42,15 +58,12 @@ def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]
             # its rowcount is the sum over the rows: 1 for each inserted, 0 for each skipped. A
             # multi-row INSERT ... RETURNING would make psycopg parse a query with thousands of
             # placeholders for every batch, which cost more than the database's work.
-            statement = postgresql.insert(table).on_conflict_do_nothing().execution_options(preserve_rowcount=True)
-            inserted += conn.execute(statement, list(chunk)).rowcount
+            inserted += conn.execute(_insert_or_skip(table, dialect), list(chunk)).rowcount
         elif dialect == "sqlite":
             # RETURNING counts what was inserted; rowcount is not reliable for this statement. The
             # rows go as parameters, not inlined with .values(), so the statement is compiled once
             # and cached; SQLAlchemy still sends one multi-row INSERT per batch ("insertmanyvalues").
-            key = next(iter(table.primary_key.columns))
-            statement = sqlite.insert(table).on_conflict_do_nothing().returning(key)
-            inserted += len(conn.execute(statement, list(chunk)).all())
+            inserted += len(conn.execute(_insert_or_skip(table, dialect), list(chunk)).all())
         elif dialect in ("mysql", "mariadb"):
             # Not INSERT IGNORE: that also turns truncation and other data errors into warnings.
             # A duplicate key rolls back only the statement in InnoDB, so the transaction goes on.
@@ -79,14 +92,7 @@ def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], *, po
     dialect = _native(conn, portable)
     for chunk in _chunks(rows):
         if dialect in ("postgresql", "sqlite"):
-            module = postgresql if dialect == "postgresql" else sqlite
-            statement = module.insert(table)
-            conn.execute(
-                statement.on_conflict_do_update(
-                    index_elements=key, set_={name: statement.excluded[name] for name in others}
-                ),
-                list(chunk),
-            )
+            conn.execute(_insert_or_overwrite(table, dialect, tuple(others)), list(chunk))
         elif dialect in ("mysql", "mariadb"):
             statement = mysql.insert(table).values(list(chunk))
             conn.execute(statement.on_duplicate_key_update({name: statement.inserted[name] for name in others}))
