@@ -10,6 +10,8 @@ from connector.config import Config
 from connector.db.engine import create_engine_for
 from connector.db.store import EventStore
 from connector.errors import DatabaseUnavailable, RequestRejected
+from connector.metrics import MetricsResource
+from connector.telemetry import RequestTelemetry
 from connector.webhooks import HealthResource, ReadinessResource, WebhookResource
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,19 @@ def _unavailable(
     }
 
 
+def _serialize_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
+    # Falcon's own errors (404, 405, ...) answer in the same {"error", "message"} shape as ours.
+    reason = exc.title.split(" ", 1)[-1].lower().replace(" ", "_") if exc.title else "http_error"
+    req.context.rejected = reason
+    resp.content_type = falcon.MEDIA_JSON
+    resp.media = {"error": reason, "message": exc.description or exc.title}
+
+
 def _unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict) -> None:
     if isinstance(exc, falcon.HTTPError):  # Falcon's own 404, 405 and friends keep their answer
         raise exc
     log.exception("unexpected error handling %s %s", req.method, req.path)
+    req.context.rejected = "internal_error"
     resp.status = falcon.HTTP_500
     resp.media = {"error": "internal_error", "message": "an unexpected error occurred; it has been logged"}
 
@@ -48,11 +59,13 @@ def create_app(config: Config, store: EventStore | None = None) -> falcon.App:
     config.require_secrets()
     if store is None:
         store = EventStore(create_engine_for(config), retry_attempts=config.retry_attempts)
-    app = falcon.App()
+    app = falcon.App(middleware=[RequestTelemetry()])
     app.req_options.strip_url_path_trailing_slash = True
     app.add_route("/webhooks", WebhookResource(store, config))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadinessResource(store))
+    app.add_route("/metrics", MetricsResource())
+    app.set_error_serializer(_serialize_http_error)
     app.add_error_handler(Exception, _unexpected)
     app.add_error_handler(RequestRejected, _rejected)
     app.add_error_handler(

@@ -119,7 +119,11 @@ def parse_event(body: bytes) -> Event:
 
     Raises :class:`InvalidEnvelope` with a message naming the problem.
     """
-    document = decode_json(body)
+    return event_from_document(decode_json(body))
+
+
+def event_from_document(document: Any) -> Event:
+    """Check an already decoded JSON document as a Coherent envelope; see :func:`parse_event`."""
     if not isinstance(document, dict):
         raise InvalidEnvelope("the body must be a JSON object")
     event_id = _identifier(document.get("id"), "the event 'id'")

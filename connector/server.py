@@ -17,6 +17,8 @@ class ConnectorServer(BaseApplication):
         super().__init__()
 
     def load_config(self) -> None:
+        from connector import gunicorn_conf
+
         settings = {
             "bind": self.config_.bind,
             "workers": self.config_.workers,
@@ -26,13 +28,18 @@ class ConnectorServer(BaseApplication):
             # The control socket sits at one fixed path per user, which several receivers on one
             # host would fight over; the connector does not use it.
             "control_socket_disable": True,
+            # Multiprocess metrics: importing the module sets up their directory, here in the master.
+            "child_exit": gunicorn_conf.child_exit,
+            "on_exit": gunicorn_conf.on_exit,
         }
         for key, value in settings.items():
             self.cfg.set(key, value)
 
     def load(self) -> Any:
         from connector.app import create_app
+        from connector.logs import configure_logging
 
+        configure_logging(self.config_)
         return create_app(self.config_)
 
 

@@ -56,10 +56,14 @@ class WebhookResource:
         body = read_body(req, self.max_body_bytes)
         verify_signature(body, req.get_header(SIGNATURE_HEADER), self.secrets)
         event = parse_event(body)
+        req.context.event = event  # for the request's log line, also when recording it fails
         outcome = self.store.record(event)
-        req.context.event = event
         req.context.outcome = outcome
         resp.media = {"event_id": event.event_id, "outcome": outcome.value}
+
+    def on_options(self, req: falcon.Request, resp: falcon.Response) -> None:
+        # Nothing to negotiate on a webhook endpoint; Falcon would otherwise answer 200.
+        raise falcon.HTTPMethodNotAllowed(["POST"])
 
 
 class HealthResource:

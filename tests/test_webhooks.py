@@ -103,9 +103,18 @@ def test_a_compressed_body_gets_415(client, seed_body):
     assert response.status_code == 415 and response.json["error"] == "unsupported_encoding"
 
 
-def test_other_methods_get_405(client):
-    for method in ("GET", "PUT", "DELETE", "PATCH"):
-        assert client.simulate_request(method, "/webhooks").status_code == 405
+def test_other_methods_get_405_in_the_error_shape(client):
+    for method in ("GET", "PUT", "DELETE", "PATCH", "OPTIONS"):
+        response = client.simulate_request(method, "/webhooks")
+        assert response.status_code == 405, method
+        assert response.json["error"] == "method_not_allowed"
+        allowed = {method.strip() for method in response.headers["Allow"].split(",")}
+        assert "POST" in allowed and not allowed & {"GET", "PUT", "DELETE", "PATCH"}
+
+
+def test_unknown_paths_get_404_in_the_error_shape(client):
+    response = client.simulate_get("/nope")
+    assert response.status_code == 404 and response.json["error"] == "not_found" and response.json["message"]
 
 
 def test_healthz_answers_while_the_process_is_up(client):
@@ -140,6 +149,7 @@ def test_an_unreachable_database_gets_503_with_retry_after_and_no_trace(seed_bod
     assert response.status_code == 503
     assert int(response.headers["Retry-After"]) > 0
     assert response.json["error"] == "database_unavailable"
+    assert "cannot connect to the database" in response.json["message"]
     assert "Traceback" not in json.dumps(response.json)
 
 

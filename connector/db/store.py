@@ -24,6 +24,7 @@ from connector.db import dialects
 from connector.db.schema import child_tables, events, state_tables
 from connector.errors import DatabaseUnavailable
 from connector.events import Event, Outcome, RowState, apply_event
+from connector.metrics import DATABASE_ERRORS, DATABASE_RETRIES
 from connector.resources import RESOURCES, group_members, message_reactions, typed_columns
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,15 @@ def is_transient(exc: DBAPIError) -> bool:
         return True
     message = str(orig).lower()
     return "database is locked" in message or "database is busy" in message
+
+
+def _describe(exc: DBAPIError) -> str:
+    """A short, safe description of a database error: its kind, never its SQL or parameters."""
+    if exc.connection_invalidated or "connect" in str(exc.orig).lower():
+        return "cannot connect to the database"
+    if is_transient(exc):
+        return "the database is busy or locked"
+    return f"the database refused the write ({type(exc.orig or exc).__name__})"
 
 
 # The hot path's statements are built once, with the id lists as expanding parameters: building
@@ -257,10 +267,12 @@ class EventStore:
                 if attempt >= self.retry_attempts * 4:
                     raise DatabaseUnavailable("kept losing races to concurrent writers") from None
             except DBAPIError as exc:
+                DATABASE_ERRORS.labels(type(exc.orig or exc).__name__).inc()
                 if not is_transient(exc) or attempt >= self.retry_attempts or time.monotonic() > deadline:
-                    log.warning("database unavailable: %s", type(exc.orig or exc).__name__)
-                    raise DatabaseUnavailable(type(exc.orig or exc).__name__) from exc
+                    log.warning("database unavailable: %s: %s", _describe(exc), type(exc.orig or exc).__name__)
+                    raise DatabaseUnavailable(_describe(exc)) from exc
             self.retries += 1
+            DATABASE_RETRIES.inc()
             time.sleep(min(0.5, 0.01 * 2**attempt) * random.random())
 
     def current_revision(self) -> tuple[str, ...]:
@@ -269,4 +281,4 @@ class EventStore:
             with self.engine.connect() as conn:
                 return tuple(MigrationContext.configure(conn).get_current_heads())
         except DBAPIError as exc:
-            raise DatabaseUnavailable(type(exc.orig or exc).__name__) from exc
+            raise DatabaseUnavailable(_describe(exc)) from exc

@@ -1,0 +1,3 @@
+# gunicorn reads ./gunicorn.conf.py by default, so that `gunicorn connector.wsgi:app` run from a
+# checkout sums /metrics over every worker. Elsewhere: gunicorn -c python:connector.gunicorn_conf ...
+from connector.gunicorn_conf import child_exit, on_exit  # noqa: F401

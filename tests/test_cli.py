@@ -1,0 +1,317 @@
+"""The ``connector`` command: help, exit codes, check, import, export, send, and migrate from a wheel."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import zipfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import create_engine, inspect, select, text
+
+from connector.cli import cli
+from connector.db.migrate import head_revision
+from connector.db.schema import events, metadata
+from tests.conftest import SECRET, Gunicorn, empty_tables, envelope, free_port
+
+ROOT = Path(__file__).parent.parent
+EXAMPLES = ROOT / "examples"
+T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
+COMMANDS = ["serve", "migrate", "check", "import", "export", "send"]
+
+
+def run(*args: str, secret: str | None = SECRET, **env: str):
+    """Invoke the command in-process, with a clean CONNECTOR_* environment."""
+    environ = {name: None for name in os.environ if name.startswith("CONNECTOR_")}
+    environ.update({"CONNECTOR_WEBHOOK_SECRETS": secret, **env})
+    return CliRunner().invoke(cli, list(args), env=environ, catch_exceptions=False)
+
+
+def received(event_type: str, payload: dict, event_id: str, minute: int) -> dict:
+    """An import line: the envelope with the time it was received."""
+    return {**envelope(event_type, payload, event_id), "received_at": (T0 + timedelta(minutes=minute)).isoformat()}
+
+
+def history() -> list[dict]:
+    """Lines of a backfill file: creates, updates, a late create, deletes, an unknown type, a repeat."""
+    contact = {"id": "c1", "username": "kevin", "created_at": 692233200}
+    message = {"id": "m1", "conversation_id": "v1", "contact": {"id": "c1"}, "message": "hi", "updated_at": 10}
+    reacted = {**message, "reactions": [{"wave": ["kate"]}], "updated_at": 20}
+    return [
+        received("contact.created", contact, "e01", 0),
+        received("contact.updated", {**contact, "display_name": "Kevin"}, "e02", 1),
+        received("contact.created", {**contact, "username": "old"}, "e03", 2),  # stale
+        received("message.created", message, "e04", 3),
+        received("message.updated", {**message, "message": "old", "updated_at": 5}, "e05", 4),  # stale
+        received("message.updated", reacted, "e06", 5),
+        received("group.created", {"id": "g1", "name": "Plaza", "contacts": [{"username": "Hector"}]}, "e07", 6),
+        received("group.deleted", {"id": "g1"}, "e08", 7),
+        received("group.updated", {"id": "g1", "name": "revived?"}, "e09", 8),  # after delete
+        received("attachment.deleted", {"id": "a1", "file_size": 3}, "e10", 9),  # tombstone
+        received("reaction.created", {"id": "r1"}, "e11", 10),  # unknown type
+        received("contact.updated", {**contact, "username": "again"}, "e02", 11),  # repeated id
+        envelope("conversation.created", {"id": "v1", "contact_id": "c1", "is_pinned": False}, "e12"),  # no received_at
+    ]
+
+
+EXPECTED_OUTCOMES = [
+    ("e01", "applied"), ("e02", "applied"), ("e03", "stale"), ("e04", "applied"), ("e05", "stale"),
+    ("e06", "applied"), ("e07", "applied"), ("e08", "applied"), ("e09", "after_delete"), ("e10", "applied"),
+    ("e11", "unknown_type"), ("e12", "applied"),
+]  # fmt: skip
+
+
+def write_lines(path: Path, documents: list) -> Path:
+    path.write_text("".join(json.dumps(document) + "\n" for document in documents))
+    return path
+
+
+def snapshot(engine, *, ignore=("seq", "_synced_at")) -> dict[str, list[tuple]]:
+    """Every table's rows in key order, without the columns a round trip may legitimately change."""
+    tables = {}
+    with engine.connect() as conn:
+        for table in metadata.sorted_tables:
+            columns = [column for column in table.c if column.name not in ignore]
+            order = [events.c.seq] if table is events else list(table.primary_key.columns)
+            tables[table.name] = [tuple(row) for row in conn.execute(select(*columns).order_by(*order))]
+    return tables
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_every_command_has_help(command):
+    result = run(*([command] if command else []), "--help")
+    assert result.exit_code == 0 and "Usage:" in result.stdout
+    if command is None:
+        assert all(name in result.stdout for name in COMMANDS) and "Exit codes" not in result.stdout
+
+
+def test_an_unknown_command_or_option_exits_2():
+    assert run("frobnicate").exit_code == 2
+    assert run("import", "--no-such-option", "x").exit_code == 2
+    assert run("import", "/no/such/file.jsonl").exit_code == 2
+
+
+# --- check -----------------------------------------------------------------------------------------
+
+
+def test_check_passes_on_a_migrated_database_and_never_prints_the_secret(db_url):
+    secret = "s3cr3t-that-must-never-be-printed"
+    result = run("--database-url", db_url, "check", secret=secret)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["ok", "config:"], ["ok", "secrets:"], ["ok", "database:"], ["ok", "migrations:"]
+    ]  # fmt: skip
+    assert f"at head {head_revision()}" in result.stdout and "1 configured" in result.stdout
+    assert secret not in result.output
+
+
+def test_check_fails_with_exit_1_on_an_unmigrated_database_or_a_missing_secret(tmp_path):
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    result = run("--database-url", url, "check")
+    assert result.exit_code == 1 and "FAILED  database: no SQLite file at" in result.stdout
+    assert not (tmp_path / "empty.db").exists()  # checking never creates the database
+    sqlite3.connect(tmp_path / "empty.db").close()
+    result = run("--database-url", url, "check", secret=None)
+    assert result.exit_code == 1
+    assert "FAILED  secrets: none configured" in result.stdout
+    assert f"FAILED  migrations: at none, head is {head_revision()}: run `connector migrate`" in result.stdout
+
+
+def test_check_reports_an_unreachable_database_without_its_password():
+    url = f"postgresql://root:hunter2-password@127.0.0.1:{free_port()}/nothing"
+    result = run("--database-url", url, "check")
+    assert result.exit_code == 1
+    assert "FAILED  database: unreachable (cannot connect to the database)" in result.stdout
+    assert "hunter2" not in result.output and "***" in result.stdout
+
+
+def test_an_invalid_setting_exits_2_with_a_message(tmp_path):
+    result = run("check", CONNECTOR_LOG_FORMAT="xml")
+    assert result.exit_code == 2 and "log_format must be 'json' or 'logfmt'" in result.stderr
+
+
+# --- import ----------------------------------------------------------------------------------------
+
+
+def test_import_applies_a_backfill_under_the_live_rules(db_url, engine, tmp_path):
+    path = write_lines(tmp_path / "history.jsonl", history())
+    result = run("--database-url", db_url, "import", str(path), "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    assert "imported 13 events" in result.stdout and "applied 8, duplicate 1" in result.stdout
+    assert "after_delete 1" in result.stdout and "stale 2" in result.stdout and "unknown_type 1" in result.stdout
+    with engine.connect() as conn:
+        outcomes = conn.execute(select(events.c.event_id, events.c.outcome).order_by(events.c.seq)).all()
+        group = conn.execute(text("SELECT name, _deleted_at FROM coherent_groups")).one()
+        received = conn.execute(select(events.c.received_at).where(events.c.event_id == "e08")).scalar_one()
+        contact = conn.execute(text("SELECT username, display_name FROM coherent_contacts")).one()
+    assert outcomes == EXPECTED_OUTCOMES
+    assert group.name == "Plaza" and group._deleted_at is not None
+    assert received == T0 + timedelta(minutes=7)  # the file's received_at, not the time of the import
+    assert tuple(contact) == ("kevin", "Kevin")
+
+
+def test_import_is_idempotent_also_after_a_crash_part_way(db_url, engine, tmp_path):
+    lines = history()
+    full = write_lines(tmp_path / "full.jsonl", lines)
+    assert run("--database-url", db_url, "import", str(full)).exit_code == 0
+    once = snapshot(engine, ignore=("seq", "_synced_at", "received_at", "_deleted_at"))
+
+    again = run("--database-url", db_url, "import", str(full))
+    assert again.exit_code == 0 and "imported 13 events from" in again.stdout and "duplicate 13" in again.stdout
+    assert snapshot(engine, ignore=("seq", "_synced_at", "received_at", "_deleted_at")) == once
+
+    # A crash after the first batches committed: the rerun of the whole file completes it.
+    empty_tables(engine)
+    prefix = write_lines(tmp_path / "prefix.jsonl", lines[:5])
+    assert run("--database-url", db_url, "import", str(prefix), "--batch-size", "2").exit_code == 0
+    assert run("--database-url", db_url, "import", str(full), "--batch-size", "2").exit_code == 0
+    assert snapshot(engine, ignore=("seq", "_synced_at", "received_at", "_deleted_at")) == once
+
+
+def test_import_reports_bad_lines_by_number_and_imports_nothing_unless_told(db_url, engine, tmp_path):
+    good = history()[:3]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(
+        json.dumps(good[0]) + "\n"
+        + "{not json\n"
+        + "\n"  # blank lines are ignored
+        + json.dumps(good[1]) + "\n"
+        + json.dumps({"id": "x", "type": "contact", "payload": {"id": "c"}}) + "\n"
+        + json.dumps({**good[2], "received_at": "yesterday"}) + "\n"
+    )  # fmt: skip
+    result = run("--database-url", db_url, "import", str(path))
+    assert result.exit_code == 1
+    assert f"{path}:2: the body is not valid JSON" in result.stderr
+    assert f"{path}:5: the event 'type' must have the form 'resource.action'" in result.stderr
+    assert f"{path}:6: 'received_at' is not an ISO 8601 instant" in result.stderr
+    assert "nothing imported: 3 of 5 lines are bad" in result.stderr
+    with engine.connect() as conn:
+        assert conn.scalar(select(events.c.event_id)) is None
+
+    result = run("--database-url", db_url, "import", str(path), "--skip-bad")
+    assert result.exit_code == 1 and "imported 2 events" in result.stdout and "skipped 3 bad lines" in result.stdout
+    with engine.connect() as conn:
+        assert conn.scalars(select(events.c.event_id).order_by(events.c.seq)).all() == ["e01", "e02"]
+
+
+def test_import_refuses_an_unmigrated_database(tmp_path):
+    path = write_lines(tmp_path / "h.jsonl", history())
+    result = run("--database-url", f"sqlite:///{tmp_path / 'new.db'}", "import", str(path))
+    assert result.exit_code == 1 and "run `connector migrate`" in result.stderr
+
+
+def test_import_and_export_exit_3_when_the_database_cannot_be_reached(tmp_path):
+    url = f"postgresql://root@127.0.0.1:{free_port()}/nothing"
+    path = write_lines(tmp_path / "h.jsonl", history())
+    for args in (["import", str(path)], ["export"]):
+        result = run("--database-url", url, *args)
+        assert result.exit_code == 3 and "the database is unavailable: cannot connect to the database" in result.stderr
+        assert "Traceback" not in result.output
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+
+def test_export_then_import_into_an_empty_database_gives_identical_tables(db_url, engine, tmp_path):
+    assert run("--database-url", db_url, "import", str(write_lines(tmp_path / "h.jsonl", history()))).exit_code == 0
+    before = snapshot(engine)
+    exported = tmp_path / "export.jsonl"
+    result = run("--database-url", db_url, "export", "-o", str(exported))
+    assert result.exit_code == 0 and "exported 12 events" in result.stderr
+    lines = [json.loads(line) for line in exported.read_text().splitlines()]
+    assert [line["id"] for line in lines] == [event_id for event_id, _ in EXPECTED_OUTCOMES]
+    assert lines[7]["received_at"] == (T0 + timedelta(minutes=7)).isoformat()
+
+    empty_tables(engine)
+    result = run("--database-url", db_url, "import", str(exported))
+    assert result.exit_code == 0, result.output
+    # seq is numbered afresh by the target and _synced_at is when the import wrote the row; all else,
+    # received_at and _deleted_at included, comes back as it was.
+    assert snapshot(engine) == before
+
+
+def test_export_since_writes_only_the_later_slice_to_stdout(db_url, tmp_path):
+    assert run("--database-url", db_url, "import", str(write_lines(tmp_path / "h.jsonl", history()))).exit_code == 0
+    result = run("--database-url", db_url, "export", "--since", "2026-11-01T09:08:00")
+    assert result.exit_code == 0
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["e09", "e10", "e11", "e12"]
+    assert run("--database-url", db_url, "export", "--since", "last week").exit_code == 2
+
+
+# --- send ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gunicorn
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_send_signs_and_posts_an_example_like_coherent(db_url, engine):
+    server = Gunicorn(db_url, workers=1).start()
+    try:
+        url = f"{server.url}/webhooks"
+        example = str(EXAMPLES / "message.created.json")
+        result = run("send", example, "--url", url)
+        assert result.exit_code == 0 and json.loads(result.stdout.split(" ", 1)[1])["outcome"] == "applied"
+        result = run("send", example, "--url", url)
+        assert result.exit_code == 0 and '"duplicate"' in result.stdout
+        assert run("send", example, "--url", url, "--new-id").exit_code == 0
+        result = run("send", example, "--url", url, secret="not-the-receivers-secret")
+        assert result.exit_code == 1 and result.stdout.startswith("401 ") and "bad_signature" in result.stdout
+    finally:
+        server.stop()
+    with engine.connect() as conn:
+        assert conn.scalar(text("SELECT COUNT(*) FROM coherent_events")) == 2
+    result = run("send", example, "--url", f"http://127.0.0.1:{free_port()}/webhooks")
+    assert result.exit_code == 3 and "could not reach" in result.stderr
+    assert run("send", example, secret=None).exit_code == 2
+
+
+# --- migrate, from an installed wheel --------------------------------------------------------------
+
+
+def test_migrate_works_from_an_installed_wheel_outside_the_checkout(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp_path / "dist"), str(ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("coherent_connector-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"connector/migrations/env.py", "connector/migrations/script.py.mako"} <= set(names)
+    assert "connector/migrations/versions/0001_initial.py" in names
+
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CONNECTOR_")},
+        "PYTHONPATH": str(site),
+        "CONNECTOR_DATABASE_URL": "sqlite:///from-wheel.db",
+    }
+    found = subprocess.run(
+        [sys.executable, "-c", "import connector.db.migrate as m; print(m.MIGRATIONS)"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert found.stdout.strip().startswith(str(site))  # the wheel's copy, not the checkout's
+    result = subprocess.run(
+        [sys.executable, "-m", "connector.cli", "migrate"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    database = create_engine(f"sqlite:///{elsewhere / 'from-wheel.db'}")
+    try:
+        assert set(inspect(database).get_table_names()) >= {table.name for table in metadata.sorted_tables}
+        with database.connect() as conn:
+            assert conn.scalar(text("SELECT version_num FROM alembic_version")) == head_revision()
+    finally:
+        database.dispose()
