@@ -152,9 +152,7 @@ def _write_states(
             for rid, state in changed.items()
             for child_row in _CHILD_ROWS[resource](state.raw)[0]
         ]
-        if children:
-            for start in range(0, len(children), dialects.CHUNK_ROWS):
-                conn.execute(child.insert(), children[start : start + dialects.CHUNK_ROWS])
+        dialects.insert_rows(conn, child, children, portable=portable)
 
 
 def record_events(
