@@ -59,14 +59,20 @@ def read_envelopes(path: Path) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
 
 
-def load_with_connector_command(url: str, path: Path, timeout: float) -> str:
+def load_with_connector_command(url: str, path: Path, timeout: float, batch_size: int | None) -> str:
+    timings = []
     for args in (["migrate"], ["import", str(path)]):
+        if args[0] == "import" and batch_size:
+            args += ["--batch-size", str(batch_size)]
+        started = time.perf_counter()
         result = subprocess.run(
             [str(CONNECTOR), "--database-url", url, *args], capture_output=True, text=True, timeout=timeout, check=False
         )
+        timings.append(f"{args[0]} {time.perf_counter() - started:.1f} s")
         if result.returncode != 0:
             raise RuntimeError(f"connector {args[0]} failed ({result.returncode}): {result.stderr[-2000:]}")
-    return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    return f"{', '.join(timings)}; {summary.split(': ', 1)[-1]}"
 
 
 def load_with_record_many(url: str, path: Path) -> str:
@@ -157,13 +163,15 @@ def count_rows(url: str, tool: str) -> str:
     return f"events {counts[0]}, state rows {sum(counts[1:])}"
 
 
-def run_once(tool: str, path: Path, events: int, use_command: bool, timeout: float) -> dict[str, Any]:
+def run_once(
+    tool: str, path: Path, events: int, use_command: bool, timeout: float, batch_size: int | None
+) -> dict[str, Any]:
     with common.bench_database(f"bulk_{tool}") as url, tempfile.TemporaryDirectory() as pipelines_dir:
         started = time.perf_counter()
         if tool == "dlt":
             detail = load_with_dlt(url, path, Path(pipelines_dir))
         elif use_command:
-            detail = load_with_connector_command(url, path, timeout)
+            detail = load_with_connector_command(url, path, timeout, batch_size)
         else:
             detail = load_with_record_many(url, path)
         seconds = time.perf_counter() - started
@@ -187,6 +195,7 @@ def main() -> None:
         default="auto",
         help="auto: `connector import` when it exists, else EventStore.record_many",
     )
+    parser.add_argument("--batch-size", type=int, help="passed to `connector import` (default: its own)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args()
 
@@ -202,7 +211,7 @@ def main() -> None:
         for round_number in range(args.rounds):
             order = ("connector", "dlt") if round_number % 2 == 0 else ("dlt", "connector")
             for tool in order:
-                runs[tool].append(run_once(tool, path, args.events, use_command, args.timeout))
+                runs[tool].append(run_once(tool, path, args.events, use_command, args.timeout, args.batch_size))
     medians = {tool: statistics.median(r["seconds"] for r in figures) for tool, figures in runs.items()}
     print(
         f"== connector {args.events / medians['connector']:.0f} events/s, dlt {args.events / medians['dlt']:.0f} "
