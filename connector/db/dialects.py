@@ -23,7 +23,7 @@ CHUNK_ROWS = 500
 
 # From this many rows on, PostgreSQL gets them by COPY through a staging table. Per-row statements,
 # even pipelined, cost the client more CPU than the database's work; one COPY stream does not.
-COPY_MIN_ROWS = 50
+COPY_MIN_ROWS = 16
 
 _MYSQL_DUPLICATE_KEY = 1062
 
