@@ -117,6 +117,15 @@ def explain_hot_path(url: str) -> list[tuple[str, str]]:
     return plans
 
 
+def shorten(statement: str) -> str:
+    """A statement on one line, its long column and placeholder lists elided."""
+    one_line = " ".join(statement.split())
+    if " ON CONFLICT" in one_line:
+        head, _, tail = one_line.partition(" VALUES ")
+        one_line = f"{head[:120]}... VALUES (...) ON CONFLICT{tail.partition(' ON CONFLICT')[2][:120]}"
+    return one_line[:400]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="0,100000,1000000", help="comma-separated change-log sizes")
@@ -176,11 +185,11 @@ def main() -> None:
     print(f"\n== query plans on the {sizes[-1]}-row change log (EXPLAIN ANALYZE, rolled back)")
     seen: set[str] = set()
     for statement, plan in plans:
-        key = statement.split("VALUES")[0][:200]
+        key = statement  # placeholders, not values: one plan per distinct statement
         if key in seen:
             continue
         seen.add(key)
-        print(f"\n{' '.join(statement.split())[:300]}\n{plan}")
+        print(f"\n{shorten(statement)}\n{plan}")
     scans = [statement for statement, plan in plans if "Seq Scan" in plan]
     print(f"\n== {len(plans)} statements explained, {len(scans)} with a sequential scan")
     if args.json:
