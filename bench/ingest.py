@@ -75,11 +75,11 @@ def connector_receiver(url: str) -> Receiver:
     return Receiver("connector", "connector.wsgi:app", env, url)
 
 
-def minimal_receiver(url: str) -> Receiver:
+def minimal_receiver(url: str, round_trips: int = 1) -> Receiver:
     dsn = common.libpq_dsn(url)
     with psycopg.connect(dsn, autocommit=True) as conn:
         create_table(conn)
-    env = {"BENCH_SECRET": common.SECRET, "BENCH_DSN": dsn}
+    env = {"BENCH_SECRET": common.SECRET, "BENCH_DSN": dsn, "BENCH_ROUND_TRIPS": str(round_trips)}
     return Receiver("minimal", "minimal_receiver:app", env, url, pythonpath=common.BENCH_DIR)
 
 
@@ -101,7 +101,9 @@ def describe(name: str, workers: int, figures: dict[str, Any]) -> str:
     )
 
 
-def run_postgresql(workers_list: list[int], rounds: int, seconds: float, warmup: float, events_file: Path) -> list:
+def run_postgresql(
+    workers_list: list[int], rounds: int, seconds: float, warmup: float, events_file: Path, round_trips: int = 1
+) -> list:
     results = []
     for workers in workers_list:
         with (
@@ -109,7 +111,7 @@ def run_postgresql(workers_list: list[int], rounds: int, seconds: float, warmup:
             common.bench_database("ingest_minimal") as minimal_url,
         ):
             common.migrate(connector_url)
-            receivers = [minimal_receiver(minimal_url), connector_receiver(connector_url)]
+            receivers = [minimal_receiver(minimal_url, round_trips), connector_receiver(connector_url)]
             try:
                 for receiver in receivers:
                     receiver.start(workers)
@@ -146,7 +148,9 @@ def run_postgresql(workers_list: list[int], rounds: int, seconds: float, warmup:
     return results
 
 
-def run_sqlite(workers_list: list[int], rounds: int, seconds: float, warmup: float, events_file: Path) -> list:
+def run_sqlite(
+    workers_list: list[int], rounds: int, seconds: float, warmup: float, events_file: Path, round_trips: int = 1
+) -> list:
     results = []
     for workers in workers_list:
         with tempfile.TemporaryDirectory(prefix="coherent_bench_sqlite_") as directory:
@@ -187,6 +191,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per worker count")
     parser.add_argument("--seconds", type=float, default=10, help="length of each measured run")
     parser.add_argument("--warmup", type=float, default=2, help="length of the unmeasured first run")
+    parser.add_argument(
+        "--minimal-round-trips",
+        type=int,
+        default=1,
+        help="an experiment: pad the minimal receiver's INSERT to this many round trips (default 1, the baseline)",
+    )
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args()
     common.require_wrk()
@@ -200,7 +210,7 @@ def main() -> None:
         common.write_signed_events(events_file, common.EventFactory().take(count))
         print(f"# {count} distinct signed events written in {time.monotonic() - started:.1f} s", flush=True)
         run = run_postgresql if args.database == "postgresql" else run_sqlite
-        results = run(workers_list, args.rounds, args.seconds, args.warmup, events_file)
+        results = run(workers_list, args.rounds, args.seconds, args.warmup, events_file, args.minimal_round_trips)
     if args.json:
         args.json.write_text(json.dumps({"database": args.database, "results": results}, indent=2))
 
