@@ -291,12 +291,6 @@ class Server:
                 self.process.wait()
         self.log.close()
 
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def require_wrk() -> str:
     """The path of wrk, or exit saying how to install it."""
