@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http
 import logging
 
 import falcon
@@ -39,7 +40,8 @@ def _unavailable(
 
 def _serialize_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
     # Falcon's own errors (404, 405, ...) answer in the same {"error", "message"} shape as ours.
-    reason = exc.title.split(" ", 1)[-1].lower().replace(" ", "_") if exc.title else "http_error"
+    # From the status, not the title: Falcon's titles vary ("405 Method Not Allowed", "Bad request").
+    reason = http.HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
     req.context.rejected = reason
     resp.content_type = falcon.MEDIA_JSON
     resp.media = {"error": reason, "message": exc.description or exc.title}
@@ -58,7 +60,11 @@ def create_app(config: Config, store: EventStore | None = None) -> falcon.App:
     """Build the WSGI app for ``config``; tests may hand in a ``store`` on an engine of their own."""
     config.require_secrets()
     if store is None:
-        store = EventStore(create_engine_for(config), retry_attempts=config.retry_attempts)
+        store = EventStore(
+            create_engine_for(config),
+            retry_attempts=config.retry_attempts,
+            lock_timeout_seconds=max(config.lock_timeout_ms, config.sqlite_busy_timeout_ms) / 1000,
+        )
     app = falcon.App(middleware=[RequestTelemetry()])
     app.req_options.strip_url_path_trailing_slash = True
     app.add_route("/webhooks", WebhookResource(store, config))

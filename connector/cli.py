@@ -313,6 +313,31 @@ def send(obj: _Context, file: Path, url: str | None, new_id: bool, timeout: floa
         raise click.exceptions.Exit(EXIT_PROBLEM)
 
 
+@cli.command()
+@click.option("--batch-size", type=click.IntRange(min=1), default=2000, show_default=True, help="Log rows per batch.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.pass_obj
+def rebuild(obj: _Context, batch_size: int, progress: bool) -> None:
+    """Recompute every current-state table from the change log and swap it in atomically.
+
+    Safe while the receiver runs: deliveries wait for the rebuild (past their lock timeout they get
+    503 and are retried by the sender), and readers see the old tables until it commits.
+    """
+    from connector.db.rebuild import rebuild as rebuild_tables
+
+    engine = _ready_store(obj.config()).engine
+    try:
+        report = rebuild_tables(engine, batch_size=batch_size, progress=progress)
+    finally:
+        engine.dispose()
+    click.echo(f"rebuilt the state tables from {report.events} change-log events")
+    if report.outcome_changes:
+        click.echo(
+            f"{report.outcome_changes} event(s) now have another outcome than the log records "
+            "(the log was written by another version of the rules)"
+        )
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

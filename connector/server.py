@@ -31,6 +31,9 @@ class ConnectorServer(BaseApplication):
             # Multiprocess metrics: importing the module sets up their directory, here in the master.
             "child_exit": gunicorn_conf.child_exit,
             "on_exit": gunicorn_conf.on_exit,
+            # gunicorn answers a header line over its default 8 KiB with an HTML 431 of its own. A
+            # larger bound lets an oversized signature reach the app and get its JSON 401.
+            "limit_request_field_size": 32 * 1024,
         }
         for key, value in settings.items():
             self.cfg.set(key, value)

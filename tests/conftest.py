@@ -104,10 +104,8 @@ def _migrated_engines() -> Iterator[dict[str, Engine]]:
         engine.dispose()
 
 
-@pytest.fixture(params=DATABASES)
-def db_url(request: pytest.FixtureRequest) -> str:
-    """The URL of a migrated database of each kind, emptied before the test."""
-    backend = request.param
+def migrated_url(request: pytest.FixtureRequest, backend: str) -> str:
+    """The URL of this run's migrated database of kind ``backend``, emptied; any fixture scope may call it."""
     url = request.getfixturevalue(f"{backend}_url")
     engines = request.getfixturevalue("_migrated_engines")
     if backend not in engines:
@@ -115,6 +113,12 @@ def db_url(request: pytest.FixtureRequest) -> str:
         migrate.upgrade(engines[backend])
     empty_tables(engines[backend])
     return url
+
+
+@pytest.fixture(params=DATABASES)
+def db_url(request: pytest.FixtureRequest) -> str:
+    """The URL of a migrated database of each kind, emptied before the test."""
+    return migrated_url(request, request.param)
 
 
 def empty_tables(engine: Engine) -> None:
@@ -176,7 +180,7 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict[str, st
 
 
 class Gunicorn:
-    """A real gunicorn serving ``connector.wsgi:app`` in a subprocess."""
+    """A real gunicorn in a subprocess, started as in production with ``connector serve``."""
 
     def __init__(self, database_url: str, workers: int = 4, **env: str) -> None:
         self.port = free_port()
@@ -185,6 +189,7 @@ class Gunicorn:
             **os.environ,
             "CONNECTOR_DATABASE_URL": database_url,
             "CONNECTOR_WEBHOOK_SECRETS": SECRET,
+            "CONNECTOR_GRACEFUL_TIMEOUT": "5",
             **env,
         }
         self.workers = workers
@@ -197,15 +202,12 @@ class Gunicorn:
             [
                 sys.executable,
                 "-m",
-                "gunicorn",
-                "connector.wsgi:app",
+                "connector.cli",
+                "serve",
                 "--bind",
                 f"127.0.0.1:{self.port}",
                 "--workers",
                 str(self.workers),
-                "--graceful-timeout",
-                "5",
-                "--no-control-socket",
             ],
             env=self.env,
             stdout=subprocess.DEVNULL,

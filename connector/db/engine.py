@@ -31,6 +31,10 @@ def normalize_url(database_url: str) -> URL:
     return url
 
 
+# SQLite's messages for a file it can no longer write.
+_SQLITE_FILE_ERRORS = ("disk i/o error", "readonly database", "database or disk is full", "unable to open database")
+
+
 def _setup_sqlite(engine: Engine, config: Config) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -44,6 +48,14 @@ def _setup_sqlite(engine: Engine, config: Config) -> None:
         cursor.execute(f"PRAGMA busy_timeout={int(config.sqlite_busy_timeout_ms)}")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()
+
+    @event.listens_for(engine, "handle_error")
+    def on_error(context: Any) -> None:
+        # After a disk I/O error, a full disk or a file that turned read-only, the connection may
+        # keep failing even once the fault is fixed. Treating it as a lost connection makes the pool
+        # open a fresh one, so the receiver recovers without a restart.
+        if any(sign in str(context.original_exception).lower() for sign in _SQLITE_FILE_ERRORS):
+            context.is_disconnect = True
 
     @event.listens_for(engine, "begin")
     def on_begin(connection: Any) -> None:

@@ -46,6 +46,9 @@ class LostRace(Exception):
 _TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57014", "57P01", "08000", "08003", "08006"}
 _TRANSIENT_MYSQL_CODES = {1205, 1213, 2006, 2013}
 
+# The longest back-off between two attempts.
+_MAX_PAUSE = 0.2
+
 
 def is_transient(exc: DBAPIError) -> bool:
     """Whether ``exc`` is worth retrying in a new transaction."""
@@ -155,6 +158,41 @@ def _write_states(
         dialects.insert_rows(conn, child, children, portable=portable)
 
 
+def apply_events(
+    conn: Connection, deliveries: Sequence[tuple[Event, datetime]], *, portable: bool = False
+) -> list[Outcome]:
+    """Apply ``deliveries`` to the state and child tables in order, inside the caller's transaction.
+
+    Returns one outcome per delivery. The change log is not touched: :func:`record_events` writes it,
+    and ``connector rebuild`` replays it through here.
+    """
+    by_resource: dict[str, set[str]] = {}
+    for event, _ in deliveries:
+        if event.known:
+            by_resource.setdefault(event.resource, set()).add(event.resource_id)
+    states = {resource: _load_states(conn, resource, rids) for resource, rids in sorted(by_resource.items())}
+    existing = {resource: set(loaded) for resource, loaded in states.items()}
+    changed: dict[str, dict[str, RowState]] = {resource: {} for resource in states}
+
+    outcomes: list[Outcome] = []
+    for event, received_at in deliveries:
+        if event.known:
+            current = states[event.resource].get(event.resource_id)
+            outcome, new_state = apply_event(current, event, received_at)
+            if new_state is not None:
+                states[event.resource][event.resource_id] = new_state
+                changed[event.resource][event.resource_id] = new_state
+        else:
+            outcome = Outcome.UNKNOWN_TYPE
+        outcomes.append(outcome)
+
+    synced_at = datetime.now(UTC)
+    for resource, rows in changed.items():
+        if rows:
+            _write_states(conn, resource, rows, existing[resource], synced_at, portable)
+    return outcomes
+
+
 def record_events(
     conn: Connection, deliveries: Sequence[tuple[Event, datetime]], *, portable: bool = False
 ) -> list[Outcome]:
@@ -175,25 +213,9 @@ def record_events(
             seen.add(event.event_id)
             fresh.append((event, received_at))
 
-    by_resource: dict[str, set[str]] = {}
-    for event, _ in fresh:
-        if event.known:
-            by_resource.setdefault(event.resource, set()).add(event.resource_id)
-    states = {resource: _load_states(conn, resource, rids) for resource, rids in sorted(by_resource.items())}
-    existing = {resource: set(loaded) for resource, loaded in states.items()}
-    changed: dict[str, dict[str, RowState]] = {resource: {} for resource in states}
-
-    log_rows: list[dict[str, Any]] = []
     outcome_of: dict[str, Outcome] = {}
-    for event, received_at in fresh:
-        if event.known:
-            current = states[event.resource].get(event.resource_id)
-            outcome, new_state = apply_event(current, event, received_at)
-            if new_state is not None:
-                states[event.resource][event.resource_id] = new_state
-                changed[event.resource][event.resource_id] = new_state
-        else:
-            outcome = Outcome.UNKNOWN_TYPE
+    log_rows: list[dict[str, Any]] = []
+    for (event, received_at), outcome in zip(fresh, apply_events(conn, fresh, portable=portable), strict=True):
         outcome_of[event.event_id] = outcome
         log_rows.append(
             {
@@ -207,11 +229,6 @@ def record_events(
                 "outcome": outcome.value,
             }
         )
-
-    synced_at = datetime.now(UTC)
-    for resource, rows in changed.items():
-        if rows:
-            _write_states(conn, resource, rows, existing[resource], synced_at, portable)
     if log_rows and dialects.insert_ignore(conn, events, log_rows, portable=portable) != len(log_rows):
         raise LostRace("a concurrent writer recorded the same event id first")
 
@@ -229,12 +246,14 @@ class EventStore:
         engine: Engine,
         *,
         retry_attempts: int = 5,
-        retry_budget_seconds: float = 2.5,
+        retry_budget_seconds: float = 2.8,
+        lock_timeout_seconds: float = 2.0,
         portable: bool = False,
     ) -> None:
         self.engine = engine
         self.retry_attempts = retry_attempts
         self.retry_budget_seconds = retry_budget_seconds
+        self.lock_timeout_seconds = lock_timeout_seconds
         self.portable = portable
         self.retries = 0  # read by metrics
 
@@ -253,6 +272,11 @@ class EventStore:
         retried here with jittered back-off, within a time budget kept under the sender's patience.
         Once that budget or the attempts run out, the error becomes :class:`DatabaseUnavailable`
         (HTTP 503): the transaction rolled back, so nothing was half applied, and the sender retries.
+
+        A retry starts only if it could wait out a whole lock timeout and still end within the
+        budget. Without that rule, a lock held elsewhere cost one lock timeout per attempt (2 s, then
+        4 s, ...), and a request on a locked row could run into gunicorn's worker timeout instead of
+        getting its 503. With it, a request takes at most the larger of the budget and one lock timeout.
         """
         deadline = time.monotonic() + self.retry_budget_seconds
         attempt = 0
@@ -266,12 +290,15 @@ class EventStore:
                     raise DatabaseUnavailable("kept losing races to concurrent writers") from None
             except DBAPIError as exc:
                 DATABASE_ERRORS.labels(type(exc.orig or exc).__name__).inc()
-                if not is_transient(exc) or attempt >= self.retry_attempts or time.monotonic() > deadline:
+                if not is_transient(exc) or attempt >= self.retry_attempts or not self._another_wait_fits(deadline):
                     log.warning("database unavailable: %s: %s", _describe(exc), type(exc.orig or exc).__name__)
                     raise DatabaseUnavailable(_describe(exc)) from exc
             self.retries += 1
             DATABASE_RETRIES.inc()
-            time.sleep(min(0.5, 0.01 * 2**attempt) * random.random())
+            time.sleep(min(_MAX_PAUSE, 0.01 * 2**attempt) * random.random())
+
+    def _another_wait_fits(self, deadline: float) -> bool:
+        return time.monotonic() + _MAX_PAUSE + self.lock_timeout_seconds <= deadline
 
     def current_revision(self) -> tuple[str, ...]:
         """The Alembic revisions the database is at (empty when it was never migrated)."""
