@@ -49,6 +49,19 @@ _TRANSIENT_MYSQL_CODES = {1205, 1213, 2006, 2013}
 # The longest back-off between two attempts.
 _MAX_PAUSE = 0.2
 
+# A deadlock victim or a serialization failure lost to a transaction that goes on and ends soon; its
+# retry queues behind that one instead of starting a fresh full lock wait.
+_LOST_TO_ANOTHER_SQLSTATES = {"40001", "40P01"}
+_LOST_TO_ANOTHER_MYSQL_CODES = {1213}
+
+
+def _lost_to_another(exc: DBAPIError) -> bool:
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in _LOST_TO_ANOTHER_SQLSTATES:
+        return True
+    args = getattr(orig, "args", ())
+    return bool(args) and isinstance(args[0], int) and args[0] in _LOST_TO_ANOTHER_MYSQL_CODES
+
 
 def is_transient(exc: DBAPIError) -> bool:
     """Whether ``exc`` is worth retrying in a new transaction."""
@@ -290,14 +303,19 @@ class EventStore:
                     raise DatabaseUnavailable("kept losing races to concurrent writers") from None
             except DBAPIError as exc:
                 DATABASE_ERRORS.labels(type(exc.orig or exc).__name__).inc()
-                if not is_transient(exc) or attempt >= self.retry_attempts or not self._another_wait_fits(deadline):
+                if not is_transient(exc) or attempt >= self.retry_attempts or not self._retry_fits(exc, deadline):
                     log.warning("database unavailable: %s: %s", _describe(exc), type(exc.orig or exc).__name__)
                     raise DatabaseUnavailable(_describe(exc)) from exc
             self.retries += 1
             DATABASE_RETRIES.inc()
             time.sleep(min(_MAX_PAUSE, 0.01 * 2**attempt) * random.random())
 
-    def _another_wait_fits(self, deadline: float) -> bool:
+    def _retry_fits(self, exc: DBAPIError, deadline: float) -> bool:
+        # PostgreSQL detects a deadlock only after deadlock_timeout (1 s by default), too late for a
+        # whole further lock wait to fit the budget; but a deadlock victim's retry waits only for
+        # the transaction that won, so it is allowed while the budget lasts.
+        if _lost_to_another(exc):
+            return time.monotonic() + _MAX_PAUSE <= deadline
         return time.monotonic() + _MAX_PAUSE + self.lock_timeout_seconds <= deadline
 
     def current_revision(self) -> tuple[str, ...]:
