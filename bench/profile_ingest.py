@@ -73,7 +73,7 @@ def main() -> None:
     per_event = {name: count / args.events for name, count in statements.most_common()}
     print(f"wall {wall / args.events * 1000:.2f} ms/event, CPU in this process {cpu / args.events * 1000:.2f} ms/event")
     print("statements per event: " + ", ".join(f"{name} {n:.2f}" for name, n in per_event.items()))
-    print(f"round trips per event (statements + COMMIT): {sum(per_event.values()) + 1:.2f}")
+    print(f"round trips per event (statements + BEGIN + COMMIT): {sum(per_event.values()) + 2:.2f}")
     if profiler:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats(args.sort).print_stats(args.top)
