@@ -3,12 +3,12 @@
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, create_engine, func, select
 
 from connector.db.schema import events, group_members, message_reactions, state_tables
 from connector.db.store import EventStore
 from connector.events import Event, Outcome, parse_event
-from tests.conftest import encode, envelope
+from tests.conftest import empty_tables, encode, envelope
 
 
 @pytest.fixture(params=["native", "portable"])
@@ -182,3 +182,90 @@ def test_awkward_text_is_stored_and_the_raw_value_kept_exactly(any_store, engine
     assert log(engine)[0]["payload"]["username"] == text
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(events)) == 1
+
+
+@pytest.mark.parametrize("db_url", ["postgresql", "mariadb"], indirect=True)
+def test_a_pooled_connection_the_server_dropped_is_replaced_by_a_retry(db_url, store, engine):
+    # The engine does not ping connections before use (a round trip per request); a connection that
+    # died while idle in the pool must cost a retry, not an event.
+    assert store.record(make("contact.created", {"id": "c1"})) is Outcome.APPLIED
+    with engine.connect() as conn:
+        backend_id = conn.exec_driver_sql(
+            "SELECT pg_backend_pid()" if conn.dialect.name == "postgresql" else "SELECT CONNECTION_ID()"
+        ).scalar_one()
+    admin = create_engine(engine.url)
+    try:
+        with admin.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(select(func.pg_terminate_backend(backend_id)))
+            else:
+                conn.exec_driver_sql(f"KILL {int(backend_id)}")
+    finally:
+        admin.dispose()
+
+    assert store.record(make("contact.created", {"id": "c2"})) is Outcome.APPLIED
+    assert store.retries >= 1
+    assert [entry["resource_id"] for entry in log(engine)] == ["c1", "c2"]
+
+
+def _two_batches(size: int = 60) -> tuple[list[Event], list[Event]]:
+    """A batch creating ``size`` messages and groups, and one that edits, deletes and re-creates them."""
+    first, second = [], []
+    for i in range(size):
+        reactions = [{"eyes": ["kevin", f"user\u0000{i}"]}] if i % 2 else []
+        first.append(
+            make(
+                "message.created",
+                {"id": f"m{i}", "message": f"hi {i}", "reactions": reactions, "updated_at": 10},
+                f"mc{i}",
+            )
+        )
+        first.append(
+            make(
+                "group.created",
+                {"id": f"g{i}", "name": "g", "contacts": [{"id": "c1", "username": "a"}, {"username": "b"}]},
+                f"gc{i}",
+            )
+        )
+        second.append(
+            make(
+                "message.updated",
+                {"id": f"m{i}", "message": "edited", "reactions": [{"heart": ["x"]}], "updated_at": 20 - i % 3 * 10},
+                f"mu{i}",
+            )
+        )
+        action = "deleted" if i % 3 == 0 else "updated"
+        second.append(make(f"group.{action}", {"id": f"g{i}", "contacts": [{"username": "z"}]}, f"gu{i}"))
+        second.append(make("group.created", {"id": f"g{i}", "name": "late"}, f"gl{i}"))
+    return first, second
+
+
+def _snapshot(engine: Engine) -> dict[str, list[dict]]:
+    """Every table's rows without the columns that record when they were written."""
+    tables = [*state_tables.values(), group_members, message_reactions, events]
+    volatile = {"_synced_at", "seq"}
+    with engine.connect() as conn:
+        return {
+            table.name: [
+                {key: value for key, value in row.items() if key not in volatile}
+                for row in conn.execute(select(table).order_by(*table.primary_key.columns)).mappings()
+            ]
+            for table in tables
+        }
+
+
+def test_large_batches_leave_the_same_tables_as_one_event_at_a_time(any_store, engine):
+    # Batches this large take PostgreSQL's COPY path for new rows, overwritten rows, child rows and
+    # the change log; recorded one at a time, the same events take the per-row statements.
+    first, second = _two_batches()
+    now = datetime.now(UTC)
+    batched = any_store.record_many([(event, now) for event in first])
+    batched += any_store.record_many([(event, now) for event in second])
+    in_batches = _snapshot(engine)
+
+    empty_tables(engine)
+    one_by_one = [any_store.record(event, now) for event in first + second]
+    assert batched == one_by_one
+    assert Outcome.STALE in batched and Outcome.AFTER_DELETE in batched
+    assert _snapshot(engine) == in_batches
+    assert [e["event_id"] for e in log(engine)] == [event.event_id for event in first + second]

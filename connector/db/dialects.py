@@ -7,15 +7,23 @@ INSERT, UPDATE and savepoints. ``portable=True`` forces that path, so it is test
 
 from __future__ import annotations
 
+import functools
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, insert, update
+from sqlalchemy import JSON, Connection, Insert, Table, bindparam, insert, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from connector.db.types import json_dumps
 
 # Rows per multi-row statement: well under SQLite's 32,766 bound parameters and PostgreSQL's 65,535.
 CHUNK_ROWS = 500
+
+# From this many rows on, PostgreSQL gets them by COPY through a staging table. Per-row statements,
+# even pipelined, cost the client more CPU than the database's work; one COPY stream does not.
+COPY_MIN_ROWS = 16
 
 _MYSQL_DUPLICATE_KEY = 1062
 
@@ -28,6 +36,81 @@ def _chunks(rows: Sequence[dict[str, Any]]) -> list[Sequence[dict[str, Any]]]:
     return [rows[i : i + CHUNK_ROWS] for i in range(0, len(rows), CHUNK_ROWS)]
 
 
+# Statements are built once per table: building one costs more CPU than executing it.
+@functools.cache
+def _insert_or_skip(table: Table, dialect: str) -> Insert:
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing().execution_options(preserve_rowcount=True)
+    return sqlite.insert(table).on_conflict_do_nothing().returning(next(iter(table.primary_key.columns)))
+
+
+@functools.cache
+def _insert_or_overwrite(table: Table, dialect: str, others: tuple[str, ...]) -> Insert:
+    statement = (postgresql if dialect == "postgresql" else sqlite).insert(table)
+    key = [column.name for column in table.primary_key.columns]
+    return statement.on_conflict_do_update(index_elements=key, set_={name: statement.excluded[name] for name in others})
+
+
+def _copy(conn: Connection, target: str, table: Table, names: list[str], rows: Sequence[dict[str, Any]]) -> None:
+    """PostgreSQL: COPY ``rows`` (the columns ``names`` of ``table``) into ``target``, numbering them."""
+    columns = ", ".join(f'"{name}"' for name in names)
+    is_json = [isinstance(table.c[name].type, JSON) for name in names]
+    numbered = target != table.name
+    statement = f"COPY {target} ({columns}{', stage_order' if numbered else ''}) FROM STDIN"
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        cursor = conn.connection.driver_connection.cursor()
+        with cursor, cursor.copy(statement) as copy:
+            for order, row in enumerate(rows):
+                values = [row[name] for name in names]
+                # The engine's JSON serializer is bypassed here, so serialize as it would.
+                values = [json_dumps(v) if j and v is not None else v for v, j in zip(values, is_json, strict=True)]
+                copy.write_row([*values, order] if numbered else values)
+    except dbapi.Error as exc:
+        # COPY goes around SQLAlchemy, so wrap its errors as SQLAlchemy would: the store's retries
+        # and its mapping to 503 then treat them like any other statement's.
+        invalidated = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, None)
+        if invalidated:
+            conn.invalidate()
+        raise DBAPIError.instance(
+            statement, None, exc, dbapi.Error, connection_invalidated=invalidated, dialect=conn.dialect
+        ) from exc
+
+
+def _copy_through_stage(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], on_conflict: str) -> int:
+    """PostgreSQL: COPY ``rows`` into a session-local staging table, then INSERT them in their order.
+
+    The INSERT assigns ``seq`` (where the table has one) in the order of ``rows``. Returns how many
+    rows it inserted or updated.
+    """
+    names = list(rows[0])
+    columns = ", ".join(f'"{name}"' for name in names)
+    # One staging table per table and column list, kept for the session and emptied at each commit.
+    stage = f"coherent_stage_{table.name}_{zlib.crc32(columns.encode()):08x}"
+    conn.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "  # noqa: S608 - our own names
+        f"SELECT {columns}, 0 AS stage_order FROM {table.name} WITH NO DATA"
+    )
+    _copy(conn, stage, table, names, rows)
+    result = conn.exec_driver_sql(
+        f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {stage} ORDER BY stage_order {on_conflict}",  # noqa: S608
+        execution_options={"preserve_rowcount": True},
+    )
+    conn.exec_driver_sql(f"DELETE FROM {stage}")  # noqa: S608
+    return result.rowcount
+
+
+def insert_rows(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], *, portable: bool = False) -> None:
+    """Insert ``rows``, none of which may exist yet (a duplicate key raises IntegrityError)."""
+    if not rows:
+        return
+    if _native(conn, portable) == "postgresql" and len(rows) >= COPY_MIN_ROWS:
+        _copy(conn, table.name, table, list(rows[0]), rows)
+        return
+    for chunk in _chunks(rows):
+        conn.execute(table.insert(), list(chunk))
+
+
 def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], *, portable: bool = False) -> int:
     """Insert ``rows``, skipping any whose key already exists; return how many were inserted.
 
@@ -36,13 +119,20 @@ def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]
     """
     inserted = 0
     dialect = _native(conn, portable)
+    if dialect == "postgresql" and len(rows) >= COPY_MIN_ROWS:
+        return _copy_through_stage(conn, table, rows, "ON CONFLICT DO NOTHING")
     for chunk in _chunks(rows):
-        if dialect in ("postgresql", "sqlite"):
-            module = postgresql if dialect == "postgresql" else sqlite
-            # RETURNING counts what was inserted; rowcount is not reliable for this statement.
-            statement = module.insert(table).values(list(chunk)).on_conflict_do_nothing()
-            key = next(iter(table.primary_key.columns))
-            inserted += len(conn.execute(statement.returning(key)).all())
+        if dialect == "postgresql":
+            # psycopg's executemany sends the rows in pipeline mode as one prepared statement, and
+            # its rowcount is the sum over the rows: 1 for each inserted, 0 for each skipped. A
+            # multi-row INSERT ... RETURNING would make psycopg parse a query with thousands of
+            # placeholders for every batch, which cost more than the database's work.
+            inserted += conn.execute(_insert_or_skip(table, dialect), list(chunk)).rowcount
+        elif dialect == "sqlite":
+            # RETURNING counts what was inserted; rowcount is not reliable for this statement. The
+            # rows go as parameters, not inlined with .values(), so the statement is compiled once
+            # and cached; SQLAlchemy still sends one multi-row INSERT per batch ("insertmanyvalues").
+            inserted += len(conn.execute(_insert_or_skip(table, dialect), list(chunk)).all())
         elif dialect in ("mysql", "mariadb"):
             # Not INSERT IGNORE: that also turns truncation and other data errors into warnings.
             # A duplicate key rolls back only the statement in InnoDB, so the transaction goes on.
@@ -69,15 +159,14 @@ def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], *, po
     key = [column.name for column in table.primary_key.columns]
     others = [name for name in rows[0] if name not in key]
     dialect = _native(conn, portable)
+    if dialect == "postgresql" and len(rows) >= COPY_MIN_ROWS:
+        assignments = ", ".join(f'"{name}" = EXCLUDED."{name}"' for name in others)
+        target = ", ".join(f'"{name}"' for name in key)
+        _copy_through_stage(conn, table, rows, f"ON CONFLICT ({target}) DO UPDATE SET {assignments}")
+        return
     for chunk in _chunks(rows):
         if dialect in ("postgresql", "sqlite"):
-            module = postgresql if dialect == "postgresql" else sqlite
-            statement = module.insert(table).values(list(chunk))
-            conn.execute(
-                statement.on_conflict_do_update(
-                    index_elements=key, set_={name: statement.excluded[name] for name in others}
-                )
-            )
+            conn.execute(_insert_or_overwrite(table, dialect, tuple(others)), list(chunk))
         elif dialect in ("mysql", "mariadb"):
             statement = mysql.insert(table).values(list(chunk))
             conn.execute(statement.on_duplicate_key_update({name: statement.inserted[name] for name in others}))

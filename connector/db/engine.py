@@ -69,7 +69,10 @@ def create_engine_for(config: Config, **kwargs: Any) -> Engine:
     """Return an engine for ``config.database_url`` with the per-database settings the store needs."""
     url = normalize_url(config.database_url)
     backend = url.get_backend_name()
-    options: dict[str, Any] = {"json_serializer": json_dumps, "pool_pre_ping": True}
+    # No pool_pre_ping: it costs a round trip on every request. A connection that died while idle
+    # fails its first statement as "invalidated", and EventStore retries that in a new transaction
+    # on a fresh connection, so the sender still gets its answer.
+    options: dict[str, Any] = {"json_serializer": json_dumps}
     if backend == "postgresql":
         # A held lock fails the statement after lock_timeout, well before gunicorn's worker timeout,
         # so the sender gets a 503 to retry rather than a dropped connection.
@@ -80,8 +83,6 @@ def create_engine_for(config: Config, **kwargs: Any) -> Engine:
         options["isolation_level"] = "READ COMMITTED"
         seconds = max(1, round(config.lock_timeout_ms / 1000))
         options["connect_args"] = {"init_command": f"SET SESSION innodb_lock_wait_timeout={seconds}"}
-    elif backend == "sqlite":
-        options.pop("pool_pre_ping")
     options.update(kwargs)
     engine = create_engine(url, **options)
     if backend == "sqlite":

@@ -8,6 +8,7 @@ events were applied.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -16,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, Engine, delete, select
+from sqlalchemy import Connection, Delete, Engine, Select, bindparam, delete, select
 from sqlalchemy.exc import DBAPIError
 
 from connector.db import dialects
@@ -53,7 +54,6 @@ _LOCK_WAIT_MYSQL_CODES = {1205}
 # The longest back-off between two attempts.
 _MAX_PAUSE = 0.2
 
-
 def is_transient(exc: DBAPIError) -> bool:
     """Whether ``exc`` is worth retrying in a new transaction."""
     if exc.connection_invalidated:
@@ -89,20 +89,36 @@ def _describe(exc: DBAPIError) -> str:
     return f"the database refused the write ({type(exc.orig or exc).__name__})"
 
 
+# The hot path's statements are built once, with the id lists as expanding parameters: building
+# them for every event cost more CPU than executing them.
+_IDS = bindparam("ids", expanding=True)
+_SEEN_QUERY = select(events.c.event_id).where(events.c.event_id.in_(_IDS))
+
+
+@functools.cache
+def _lock_query(resource: str) -> Select:
+    table = state_tables[resource]
+    return (
+        select(table.c.id, table.c._raw, table.c._last_action, table.c._event_id, table.c._deleted_at)
+        .where(table.c.id.in_(_IDS))
+        .order_by(table.c.id)
+        .with_for_update()
+    )
+
+
+@functools.cache
+def _delete_children(resource: str) -> Delete:
+    child, parent_key = child_tables[resource]
+    return delete(child).where(child.c[parent_key].in_(_IDS))
+
+
 def _load_states(conn: Connection, resource: str, ids: Iterable[str]) -> dict[str, RowState]:
     """Lock and read the rows for ``ids``, in id order so concurrent writers lock alike."""
-    table = state_tables[resource]
     states: dict[str, RowState] = {}
     ordered = sorted(set(ids))
     for start in range(0, len(ordered), _ID_CHUNK):
         chunk = ordered[start : start + _ID_CHUNK]
-        query = (
-            select(table.c.id, table.c._raw, table.c._last_action, table.c._event_id, table.c._deleted_at)
-            .where(table.c.id.in_(chunk))
-            .order_by(table.c.id)
-            .with_for_update()
-        )
-        for row in conn.execute(query).mappings():
+        for row in conn.execute(_lock_query(resource), {"ids": chunk}).mappings():
             states[row["id"]] = RowState(row["_raw"], row["_last_action"], row["_event_id"], row["_deleted_at"])
     return states
 
@@ -144,17 +160,17 @@ def _write_states(
 
     if resource in child_tables:
         child, parent_key = child_tables[resource]
-        ids = sorted(changed)
+        # Only rows that existed before this transaction can have child rows to replace; a row it
+        # creates has none yet (and if a concurrent writer created it first, LostRace was raised).
+        ids = sorted(rid for rid in changed if rid in existing)
         for start in range(0, len(ids), _ID_CHUNK):
-            conn.execute(delete(child).where(child.c[parent_key].in_(ids[start : start + _ID_CHUNK])))
+            conn.execute(_delete_children(resource), {"ids": ids[start : start + _ID_CHUNK]})
         children = [
             {parent_key: rid, **child_row}
             for rid, state in changed.items()
             for child_row in _CHILD_ROWS[resource](state.raw)[0]
         ]
-        if children:
-            for start in range(0, len(children), dialects.CHUNK_ROWS):
-                conn.execute(child.insert(), children[start : start + dialects.CHUNK_ROWS])
+        dialects.insert_rows(conn, child, children, portable=portable)
 
 
 def apply_events(
@@ -204,7 +220,7 @@ def record_events(
     ids = [event.event_id for event, _ in deliveries]
     for start in range(0, len(ids), _ID_CHUNK):
         chunk = ids[start : start + _ID_CHUNK]
-        seen.update(conn.scalars(select(events.c.event_id).where(events.c.event_id.in_(chunk))))
+        seen.update(conn.scalars(_SEEN_QUERY, {"ids": chunk}))
 
     fresh: list[tuple[Event, datetime]] = []
     for event, received_at in deliveries:
