@@ -54,6 +54,7 @@ _LOCK_WAIT_MYSQL_CODES = {1205}
 # The longest back-off between two attempts.
 _MAX_PAUSE = 0.2
 
+
 def is_transient(exc: DBAPIError) -> bool:
     """Whether ``exc`` is worth retrying in a new transaction."""
     if exc.connection_invalidated:
