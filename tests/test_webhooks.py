@@ -1,6 +1,8 @@
 """The HTTP surface through Falcon's test client, on every database."""
 
 import json
+import socket
+import time
 
 import pytest
 from falcon import testing
@@ -159,3 +161,20 @@ def test_the_app_refuses_to_start_without_a_secret(db_url):
 
     with pytest.raises(ConfigError, match="no webhook secret"):
         create_app(Config(database_url=db_url))
+
+
+def test_a_database_that_accepts_but_never_answers_gets_503_not_a_hang(seed_body):
+    # PostgreSQL only: PyMySQL's connect_timeout covers the TCP connect but not the server greeting,
+    # and a read timeout long enough for a rebuild's statements would not beat gunicorn's timeout.
+    # The kernel completes the handshake for a listening socket's backlog; nobody ever answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        config = make_config(f"postgresql+psycopg://nobody@127.0.0.1:{silent.getsockname()[1]}/none")
+        client = testing.TestClient(create_app(config))
+        started = time.monotonic()
+        response = client.simulate_post("/webhooks", body=seed_body, headers=signed_headers(seed_body))
+        elapsed = time.monotonic() - started
+    assert response.status_code == 503 and response.json["error"] == "database_unavailable"
+    # Bounded by the connect timeout (2 s by default), far from gunicorn's 30-second worker kill.
+    assert elapsed < 20

@@ -73,16 +73,26 @@ def create_engine_for(config: Config, **kwargs: Any) -> Engine:
     # fails its first statement as "invalidated", and EventStore retries that in a new transaction
     # on a fresh connection, so the sender still gets its answer.
     options: dict[str, Any] = {"json_serializer": json_dumps}
+    # A server that takes the TCP connection but never answers would otherwise hold a request until
+    # gunicorn kills the worker; this turns it into a 503 after one lock timeout's worth of waiting.
+    # (libpq treats anything under 2 seconds as 2.)
+    connect_timeout = max(2, round(config.lock_timeout_ms / 1000))
     if backend == "postgresql":
         # A held lock fails the statement after lock_timeout, well before gunicorn's worker timeout,
         # so the sender gets a 503 to retry rather than a dropped connection.
-        options["connect_args"] = {"options": f"-c lock_timeout={int(config.lock_timeout_ms)}"}
+        options["connect_args"] = {
+            "options": f"-c lock_timeout={int(config.lock_timeout_ms)}",
+            "connect_timeout": connect_timeout,
+        }
     elif backend in ("mysql", "mariadb"):
         # READ COMMITTED avoids InnoDB's gap locks on inserts of new ids, the main source of
         # deadlocks between concurrent webhook writers.
         options["isolation_level"] = "READ COMMITTED"
         seconds = max(1, round(config.lock_timeout_ms / 1000))
-        options["connect_args"] = {"init_command": f"SET SESSION innodb_lock_wait_timeout={seconds}"}
+        options["connect_args"] = {
+            "init_command": f"SET SESSION innodb_lock_wait_timeout={seconds}",
+            "connect_timeout": connect_timeout,
+        }
     options.update(kwargs)
     engine = create_engine(url, **options)
     if backend == "sqlite":
