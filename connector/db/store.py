@@ -12,7 +12,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -55,30 +55,28 @@ _LOCK_WAIT_MYSQL_CODES = {1205}
 _MAX_PAUSE = 0.2
 
 
-def is_transient(exc: DBAPIError) -> bool:
-    """Whether ``exc`` is worth retrying in a new transaction."""
-    if exc.connection_invalidated:
-        return True
+def _matches(exc: DBAPIError, sqlstates: set[str], mysql_codes: set[int], messages: tuple[str, ...]) -> bool:
+    """Whether the driver error under ``exc`` has one of these PostgreSQL states, MySQL codes or texts."""
     orig = exc.orig
-    sqlstate = getattr(orig, "sqlstate", None)
-    if sqlstate in _TRANSIENT_SQLSTATES:
+    if getattr(orig, "sqlstate", None) in sqlstates:
         return True
     args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int) and args[0] in _TRANSIENT_MYSQL_CODES:
+    if args and isinstance(args[0], int) and args[0] in mysql_codes:
         return True
     message = str(orig).lower()
-    return "database is locked" in message or "database is busy" in message
+    return any(text in message for text in messages)
+
+
+def is_transient(exc: DBAPIError) -> bool:
+    """Whether ``exc`` is worth retrying in a new transaction."""
+    return exc.connection_invalidated or _matches(
+        exc, _TRANSIENT_SQLSTATES, _TRANSIENT_MYSQL_CODES, ("database is locked", "database is busy")
+    )
 
 
 def waited_out_a_lock(exc: DBAPIError) -> bool:
     """Whether ``exc`` ended a whole lock wait (as opposed to a deadlock or a dropped connection)."""
-    orig = exc.orig
-    if getattr(orig, "sqlstate", None) in _LOCK_WAIT_SQLSTATES:
-        return True
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int) and args[0] in _LOCK_WAIT_MYSQL_CODES:
-        return True
-    return "database is locked" in str(orig).lower()
+    return _matches(exc, _LOCK_WAIT_SQLSTATES, _LOCK_WAIT_MYSQL_CODES, ("database is locked",))
 
 
 def _describe(exc: DBAPIError) -> str:
@@ -113,24 +111,31 @@ def _delete_children(resource: str) -> Delete:
     return delete(child).where(child.c[parent_key].in_(_IDS))
 
 
+def _in_chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
+    """``ids`` in slices short enough for one ``IN (...)`` list."""
+    for start in range(0, len(ids), _ID_CHUNK):
+        yield ids[start : start + _ID_CHUNK]
+
+
 def _load_states(conn: Connection, resource: str, ids: Iterable[str]) -> dict[str, RowState]:
     """Lock and read the rows for ``ids``, in id order so concurrent writers lock alike."""
     states: dict[str, RowState] = {}
-    ordered = sorted(set(ids))
-    for start in range(0, len(ordered), _ID_CHUNK):
-        chunk = ordered[start : start + _ID_CHUNK]
+    for chunk in _in_chunks(sorted(set(ids))):
         for row in conn.execute(_lock_query(resource), {"ids": chunk}).mappings():
             states[row["id"]] = RowState(row["_raw"], row["_last_action"], row["_event_id"], row["_deleted_at"])
     return states
 
 
-def state_row(resource: str, resource_id: str, state: RowState, synced_at: datetime) -> dict[str, Any]:
-    """The full current-state row for ``state``: typed columns plus the underscore columns."""
+def state_row(
+    resource: str, resource_id: str, state: RowState, synced_at: datetime, child_error: str | None = None
+) -> dict[str, Any]:
+    """The full current-state row for ``state``: typed columns plus the underscore columns.
+
+    ``child_error`` is what deriving the child rows from ``state.raw`` reported, kept in ``_errors``.
+    """
     values, errors = typed_columns(RESOURCES[resource], state.raw)
-    if resource in _CHILD_ROWS:
-        _, child_error = _CHILD_ROWS[resource](state.raw)
-        if child_error:
-            errors[child_tables[resource][0].name] = child_error
+    if child_error:
+        errors[child_tables[resource][0].name] = child_error
     return {
         "id": resource_id,
         **values,
@@ -152,7 +157,14 @@ def _write_states(
     portable: bool,
 ) -> None:
     table = state_tables[resource]
-    rows = {rid: state_row(resource, rid, state, synced_at) for rid, state in changed.items()}
+    rows: dict[str, dict[str, Any]] = {}
+    children: list[dict[str, Any]] = []
+    for rid, state in changed.items():
+        child_rows, child_error = _CHILD_ROWS[resource](state.raw) if resource in _CHILD_ROWS else ([], None)
+        rows[rid] = state_row(resource, rid, state, synced_at, child_error)
+        if child_rows:
+            parent_key = child_tables[resource][1]
+            children.extend({parent_key: rid, **child_row} for child_row in child_rows)
     new = [row for rid, row in rows.items() if rid not in existing]
     if new and dialects.insert_ignore(conn, table, new, portable=portable) != len(new):
         raise LostRace(f"a concurrent writer created a {resource} row first")
@@ -160,17 +172,12 @@ def _write_states(
     dialects.upsert(conn, table, [row for rid, row in rows.items() if rid in existing], portable=portable)
 
     if resource in child_tables:
-        child, parent_key = child_tables[resource]
+        child = child_tables[resource][0]
         # Only rows that existed before this transaction can have child rows to replace; a row it
         # creates has none yet (and if a concurrent writer created it first, LostRace was raised).
         ids = sorted(rid for rid in changed if rid in existing)
-        for start in range(0, len(ids), _ID_CHUNK):
-            conn.execute(_delete_children(resource), {"ids": ids[start : start + _ID_CHUNK]})
-        children = [
-            {parent_key: rid, **child_row}
-            for rid, state in changed.items()
-            for child_row in _CHILD_ROWS[resource](state.raw)[0]
-        ]
+        for chunk in _in_chunks(ids):
+            conn.execute(_delete_children(resource), {"ids": chunk})
         dialects.insert_rows(conn, child, children, portable=portable)
 
 
@@ -218,9 +225,7 @@ def record_events(
     is a ``duplicate`` and writes nothing.
     """
     seen: set[str] = set()
-    ids = [event.event_id for event, _ in deliveries]
-    for start in range(0, len(ids), _ID_CHUNK):
-        chunk = ids[start : start + _ID_CHUNK]
+    for chunk in _in_chunks([event.event_id for event, _ in deliveries]):
         seen.update(conn.scalars(_SEEN_QUERY, {"ids": chunk}))
 
     fresh: list[tuple[Event, datetime]] = []
