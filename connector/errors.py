@@ -63,3 +63,11 @@ class InvalidEnvelope(RequestRejected):
 
 class DatabaseUnavailable(ConnectorError):
     """The database could not take the event now; the sender should retry later (503)."""
+
+
+class WriteRefused(DatabaseUnavailable):
+    """The database refused a write for what it holds, not for being busy: retrying the same rows fails alike.
+
+    Still a 503 to the sender, whose later retry may meet a repaired database, but a group of events
+    that fails this way is run again one event at a time (see ``connector.group_commit``).
+    """

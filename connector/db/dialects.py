@@ -7,9 +7,10 @@ INSERT, UPDATE and savepoints. ``portable=True`` forces that path, so it is test
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import JSON, Connection, Insert, Table, bindparam, insert, update
@@ -57,8 +58,7 @@ def _copy(conn: Connection, target: str, table: Table, names: list[str], rows: S
     is_json = [isinstance(table.c[name].type, JSON) for name in names]
     numbered = target != table.name
     statement = f"COPY {target} ({columns}{', stage_order' if numbered else ''}) FROM STDIN"
-    dbapi = conn.dialect.loaded_dbapi
-    try:
+    with driver_errors(conn, statement):
         cursor = conn.connection.driver_connection.cursor()
         with cursor, cursor.copy(statement) as copy:
             for order, row in enumerate(rows):
@@ -66,9 +66,19 @@ def _copy(conn: Connection, target: str, table: Table, names: list[str], rows: S
                 # The engine's JSON serializer is bypassed here, so serialize as it would.
                 values = [json_dumps(v) if j and v is not None else v for v, j in zip(values, is_json, strict=True)]
                 copy.write_row([*values, order] if numbered else values)
+
+
+@contextlib.contextmanager
+def driver_errors(conn: Connection, statement: str) -> Iterator[None]:
+    """Wrap errors of statements sent around SQLAlchemy (COPY, psycopg's pipeline) as SQLAlchemy would.
+
+    The store's retries and its mapping to 503 then treat them like any other statement's, and a
+    dropped connection is invalidated so the pool replaces it.
+    """
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        yield
     except dbapi.Error as exc:
-        # COPY goes around SQLAlchemy, so wrap its errors as SQLAlchemy would: the store's retries
-        # and its mapping to 503 then treat them like any other statement's.
         invalidated = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, None)
         if invalidated:
             conn.invalidate()

@@ -14,18 +14,27 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, Delete, Engine, Select, bindparam, delete, select
 from sqlalchemy.exc import DBAPIError
 
-from connector.db import dialects
+from connector.db import dialects, pipeline
+from connector.db.plan import (
+    LostRace,
+    StateWrites,
+    fold,
+    fresh_deliveries,
+    ids_to_lock,
+    log_row,
+    outcomes_in_order,
+    state_writes,
+)
 from connector.db.schema import child_tables, events, state_tables
-from connector.errors import DatabaseUnavailable
-from connector.events import Event, Outcome, RowState, apply_event
+from connector.errors import DatabaseUnavailable, WriteRefused
+from connector.events import Event, Outcome, RowState
 from connector.metrics import DATABASE_ERRORS, DATABASE_RETRIES
-from connector.resources import RESOURCES, group_members, message_reactions, typed_columns
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +42,6 @@ T = TypeVar("T")
 
 # Ids per ``IN (...)`` list when loading and locking rows.
 _ID_CHUNK = 500
-
-_CHILD_ROWS = {"group": group_members, "message": message_reactions}
-
-
-class LostRace(Exception):
-    """Another transaction wrote the same event id or created the same row first: run again."""
-
 
 # Errors that a fresh attempt can get past: deadlocks, serialization failures, lock and busy
 # timeouts, and connections dropped by a restarting server.
@@ -126,59 +128,16 @@ def _load_states(conn: Connection, resource: str, ids: Iterable[str]) -> dict[st
     return states
 
 
-def state_row(
-    resource: str, resource_id: str, state: RowState, synced_at: datetime, child_error: str | None = None
-) -> dict[str, Any]:
-    """The full current-state row for ``state``: typed columns plus the underscore columns.
-
-    ``child_error`` is what deriving the child rows from ``state.raw`` reported, kept in ``_errors``.
-    """
-    values, errors = typed_columns(RESOURCES[resource], state.raw)
-    if child_error:
-        errors[child_tables[resource][0].name] = child_error
-    return {
-        "id": resource_id,
-        **values,
-        "_raw": state.raw,
-        "_deleted_at": state.deleted_at,
-        "_event_id": state.event_id,
-        "_last_action": state.last_action,
-        "_synced_at": synced_at,
-        "_errors": errors or None,
-    }
-
-
-def _write_states(
-    conn: Connection,
-    resource: str,
-    changed: dict[str, RowState],
-    existing: set[str],
-    synced_at: datetime,
-    portable: bool,
-) -> None:
+def _write_states(conn: Connection, resource: str, writes: StateWrites, portable: bool) -> None:
     table = state_tables[resource]
-    rows: dict[str, dict[str, Any]] = {}
-    children: list[dict[str, Any]] = []
-    for rid, state in changed.items():
-        child_rows, child_error = _CHILD_ROWS[resource](state.raw) if resource in _CHILD_ROWS else ([], None)
-        rows[rid] = state_row(resource, rid, state, synced_at, child_error)
-        if child_rows:
-            parent_key = child_tables[resource][1]
-            children.extend({parent_key: rid, **child_row} for child_row in child_rows)
-    new = [row for rid, row in rows.items() if rid not in existing]
-    if new and dialects.insert_ignore(conn, table, new, portable=portable) != len(new):
+    if writes.new and dialects.insert_ignore(conn, table, writes.new, portable=portable) != len(writes.new):
         raise LostRace(f"a concurrent writer created a {resource} row first")
     # These rows are locked by this transaction, so overwriting them is safe.
-    dialects.upsert(conn, table, [row for rid, row in rows.items() if rid in existing], portable=portable)
-
+    dialects.upsert(conn, table, writes.existing, portable=portable)
     if resource in child_tables:
-        child = child_tables[resource][0]
-        # Only rows that existed before this transaction can have child rows to replace; a row it
-        # creates has none yet (and if a concurrent writer created it first, LostRace was raised).
-        ids = sorted(rid for rid in changed if rid in existing)
-        for chunk in _in_chunks(ids):
+        for chunk in _in_chunks(writes.clear_children_of):
             conn.execute(_delete_children(resource), {"ids": chunk})
-        dialects.insert_rows(conn, child, children, portable=portable)
+        dialects.insert_rows(conn, child_tables[resource][0], writes.children, portable=portable)
 
 
 def apply_events(
@@ -189,30 +148,13 @@ def apply_events(
     Returns one outcome per delivery. The change log is not touched: :func:`record_events` writes it,
     and ``connector rebuild`` replays it through here.
     """
-    by_resource: dict[str, set[str]] = {}
-    for event, _ in deliveries:
-        if event.known:
-            by_resource.setdefault(event.resource, set()).add(event.resource_id)
-    states = {resource: _load_states(conn, resource, rids) for resource, rids in sorted(by_resource.items())}
+    states = {resource: _load_states(conn, resource, ids) for resource, ids in ids_to_lock(deliveries).items()}
     existing = {resource: set(loaded) for resource, loaded in states.items()}
-    changed: dict[str, dict[str, RowState]] = {resource: {} for resource in states}
-
-    outcomes: list[Outcome] = []
-    for event, received_at in deliveries:
-        if event.known:
-            current = states[event.resource].get(event.resource_id)
-            outcome, new_state = apply_event(current, event, received_at)
-            if new_state is not None:
-                states[event.resource][event.resource_id] = new_state
-                changed[event.resource][event.resource_id] = new_state
-        else:
-            outcome = Outcome.UNKNOWN_TYPE
-        outcomes.append(outcome)
-
+    outcomes, changed = fold(deliveries, states)
     synced_at = datetime.now(UTC)
     for resource, rows in changed.items():
         if rows:
-            _write_states(conn, resource, rows, existing[resource], synced_at, portable)
+            _write_states(conn, resource, state_writes(resource, rows, existing[resource], synced_at), portable)
     return outcomes
 
 
@@ -224,39 +166,20 @@ def record_events(
     Returns one outcome per delivery. An event id already in the log, or earlier in the same batch,
     is a ``duplicate`` and writes nothing.
     """
+    if not portable and len(deliveries) < dialects.COPY_MIN_ROWS and pipeline.usable(conn):
+        # A few events, as the webhook receiver sends: two round trips instead of one per statement.
+        return pipeline.record_events(conn, deliveries)
     seen: set[str] = set()
     for chunk in _in_chunks([event.event_id for event, _ in deliveries]):
         seen.update(conn.scalars(_SEEN_QUERY, {"ids": chunk}))
-
-    fresh: list[tuple[Event, datetime]] = []
-    for event, received_at in deliveries:
-        if event.event_id not in seen:
-            seen.add(event.event_id)
-            fresh.append((event, received_at))
-
-    outcome_of: dict[str, Outcome] = {}
-    log_rows: list[dict[str, Any]] = []
-    for (event, received_at), outcome in zip(fresh, apply_events(conn, fresh, portable=portable), strict=True):
-        outcome_of[event.event_id] = outcome
-        log_rows.append(
-            {
-                "event_id": event.event_id,
-                "type": event.type,
-                "resource": event.resource,
-                "action": event.action,
-                "resource_id": event.resource_id,
-                "payload": event.payload,
-                "received_at": received_at,
-                "outcome": outcome.value,
-            }
-        )
+    fresh = fresh_deliveries(deliveries, seen)
+    outcomes = apply_events(conn, fresh, portable=portable)
+    log_rows = [
+        log_row(event, received_at, outcome) for (event, received_at), outcome in zip(fresh, outcomes, strict=True)
+    ]
     if log_rows and dialects.insert_ignore(conn, events, log_rows, portable=portable) != len(log_rows):
         raise LostRace("a concurrent writer recorded the same event id first")
-
-    outcomes: list[Outcome] = []
-    for event, _ in deliveries:
-        outcomes.append(outcome_of.pop(event.event_id, Outcome.DUPLICATE))
-    return outcomes
+    return outcomes_in_order(deliveries, fresh, outcomes)
 
 
 class EventStore:
@@ -282,11 +205,18 @@ class EventStore:
         """Record and apply one event; return its outcome once the transaction has committed."""
         return self.record_many([(event, received_at or datetime.now(UTC))])[0]
 
-    def record_many(self, deliveries: Sequence[tuple[Event, datetime]]) -> list[Outcome]:
-        """Record and apply a batch of (event, received_at) in one transaction, in order."""
-        return self.run_in_transaction(lambda conn: record_events(conn, deliveries, portable=self.portable))
+    def record_many(
+        self, deliveries: Sequence[tuple[Event, datetime]], *, deadline: float | None = None
+    ) -> list[Outcome]:
+        """Record and apply a batch of (event, received_at) in one transaction, in order.
 
-    def run_in_transaction(self, work: Callable[[Connection], T]) -> T:
+        ``deadline`` (a ``time.monotonic()`` value) ends the retries instead of the retry budget.
+        """
+        return self.run_in_transaction(
+            lambda conn: record_events(conn, deliveries, portable=self.portable), deadline=deadline
+        )
+
+    def run_in_transaction(self, work: Callable[[Connection], T], *, deadline: float | None = None) -> T:
         """Run ``work`` in a transaction, retrying lost races and transient database errors.
 
         A deadlock, serialization failure or busy database is normal under concurrent writers and is
@@ -301,7 +231,8 @@ class EventStore:
         dropped connection is different: the other party has moved on, so a retry is likely to
         succeed at once and is tried whenever any of the budget is left.
         """
-        deadline = time.monotonic() + self.retry_budget_seconds
+        if deadline is None:
+            deadline = time.monotonic() + self.retry_budget_seconds
         attempt = 0
         while True:
             attempt += 1
@@ -313,9 +244,10 @@ class EventStore:
                     raise DatabaseUnavailable("kept losing races to concurrent writers") from None
             except DBAPIError as exc:
                 DATABASE_ERRORS.labels(type(exc.orig or exc).__name__).inc()
-                if not is_transient(exc) or attempt >= self.retry_attempts or not self._retry_fits(exc, deadline):
+                transient = is_transient(exc)
+                if not transient or attempt >= self.retry_attempts or not self._retry_fits(exc, deadline):
                     log.warning("database unavailable: %s: %s", _describe(exc), type(exc.orig or exc).__name__)
-                    raise DatabaseUnavailable(_describe(exc)) from exc
+                    raise (DatabaseUnavailable if transient else WriteRefused)(_describe(exc)) from exc
             self.retries += 1
             DATABASE_RETRIES.inc()
             time.sleep(min(_MAX_PAUSE, 0.01 * 2**attempt) * random.random())

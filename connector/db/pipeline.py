@@ -1,0 +1,138 @@
+"""PostgreSQL's fast path for small batches: a whole transaction in two round trips.
+
+The webhook receiver records a few events per transaction (one, or a group; see
+``connector.group_commit``). Through SQLAlchemy that takes a round trip per statement, and the
+client's CPU per statement outweighs the database's work. Here the same plan (``connector.db.plan``)
+goes through psycopg's pipeline mode on the connection SQLAlchemy holds:
+
+1. the seen-id check and the row locks (``SELECT ... FOR UPDATE``, in id order), then one sync;
+2. the ordering rules, in Python, exactly as on every other path;
+3. every write, and ``COMMIT``, then one sync.
+
+A row or event id that a concurrent writer created first makes a plain INSERT fail with a unique
+violation; that aborts the rest of the pipeline, ``COMMIT`` included, so nothing is half written,
+and the store runs the transaction again (:class:`~connector.db.plan.LostRace`). Any other error
+is wrapped as SQLAlchemy would wrap it, so retries and 503s work as on every other path.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Connection, Table
+
+from connector.db.dialects import driver_errors
+from connector.db.plan import (
+    LostRace,
+    fold,
+    fresh_deliveries,
+    ids_to_lock,
+    log_row,
+    outcomes_in_order,
+    state_writes,
+)
+from connector.db.schema import child_tables, events, state_tables
+from connector.db.types import json_dumps
+from connector.events import Event, Outcome, RowState
+
+_UNIQUE_VIOLATION = "23505"
+
+_SEEN = f"SELECT event_id FROM {events.name} WHERE event_id = ANY(%(ids)s)"  # noqa: S608 - our own names
+
+
+def usable(conn: Connection) -> bool:
+    """Whether ``conn`` is a PostgreSQL connection through psycopg 3, which has pipeline mode."""
+    return conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg"
+
+
+@functools.cache
+def _lock(resource: str) -> str:
+    table = state_tables[resource].name
+    return (
+        f"SELECT id, _raw, _last_action, _event_id, _deleted_at FROM {table} "  # noqa: S608 - our own names
+        "WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE"
+    )
+
+
+@functools.cache
+def _delete_children(resource: str) -> str:
+    child, parent_key = child_tables[resource]
+    return f"DELETE FROM {child.name} WHERE {parent_key} = ANY(%(ids)s)"  # noqa: S608 - our own names
+
+
+@functools.cache
+def _insert(table: Table, names: tuple[str, ...], overwrite: bool) -> str:
+    columns = ", ".join(f'"{name}"' for name in names)
+    values = ", ".join(f"%({name})s" for name in names)
+    statement = f"INSERT INTO {table.name} ({columns}) VALUES ({values})"  # noqa: S608 - our own names
+    if overwrite:
+        key = [column.name for column in table.primary_key.columns]
+        assignments = ", ".join(f'"{name}" = EXCLUDED."{name}"' for name in names if name not in key)
+        statement += f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {assignments}"
+    return statement
+
+
+@functools.cache
+def _json_columns(table: Table) -> frozenset[str]:
+    return frozenset(column.name for column in table.columns if isinstance(column.type, JSON))
+
+
+def _write(cursor: Any, table: Table, rows: Sequence[dict[str, Any]], *, overwrite: bool = False) -> None:
+    """Queue ``rows`` for ``table``: a plain INSERT, or with ``overwrite`` an upsert on the key."""
+    if not rows:
+        return
+    names = tuple(rows[0])
+    # The engine's JSON serializer is bypassed here, so serialize as it would.
+    json_columns = _json_columns(table).intersection(names)
+    params = [
+        {**row, **{name: json_dumps(row[name]) for name in json_columns if row[name] is not None}} for row in rows
+    ]
+    cursor.executemany(_insert(table, names, overwrite), params)
+
+
+def record_events(conn: Connection, deliveries: Sequence[tuple[Event, datetime]]) -> list[Outcome]:
+    """Record and apply ``deliveries`` in order and COMMIT; the same contract as the store's own path."""
+    driver = conn.connection.driver_connection
+    try:
+        with driver_errors(conn, "pipelined reads"), driver.pipeline() as pipeline:
+            seen_cursor = driver.cursor()
+            seen_cursor.execute(_SEEN, {"ids": [event.event_id for event, _ in deliveries]})
+            lock_cursors = {}
+            for resource, ids in ids_to_lock(deliveries).items():
+                lock_cursors[resource] = cursor = driver.cursor()
+                cursor.execute(_lock(resource), {"ids": ids})
+            pipeline.sync()
+            seen = {row[0] for row in seen_cursor.fetchall()}
+            states = {
+                resource: {
+                    rid: RowState(raw, last_action, event_id, deleted_at and deleted_at.astimezone(UTC))
+                    for rid, raw, last_action, event_id, deleted_at in cursor.fetchall()
+                }
+                for resource, cursor in lock_cursors.items()
+            }
+
+        fresh = fresh_deliveries(deliveries, seen)
+        existing = {resource: set(rows) for resource, rows in states.items()}
+        outcomes, changed = fold(fresh, states)
+        synced_at = datetime.now(UTC)
+        with driver_errors(conn, "pipelined writes"), driver.pipeline(), driver.cursor() as cursor:
+            for resource, rows in changed.items():
+                if rows:
+                    writes = state_writes(resource, rows, existing[resource], synced_at)
+                    _write(cursor, state_tables[resource], writes.new)
+                    _write(cursor, state_tables[resource], writes.existing, overwrite=True)
+                    if writes.clear_children_of:
+                        cursor.execute(_delete_children(resource), {"ids": writes.clear_children_of})
+                    if resource in child_tables:
+                        _write(cursor, child_tables[resource][0], writes.children)
+            log_rows = [log_row(event, at, outcome) for (event, at), outcome in zip(fresh, outcomes, strict=True)]
+            _write(cursor, events, log_rows)
+            cursor.execute("COMMIT")
+    except Exception as exc:
+        if getattr(getattr(exc, "orig", None), "sqlstate", None) == _UNIQUE_VIOLATION:
+            raise LostRace("a concurrent writer created the same row or event id first") from exc
+        raise
+    return outcomes_in_order(deliveries, fresh, outcomes)
