@@ -250,13 +250,19 @@ def free_port() -> int:
 
 
 class Server:
-    """A gunicorn serving ``app`` with ``workers`` sync workers on loopback, in a subprocess."""
+    """A gunicorn serving ``app`` on loopback, in a subprocess.
 
-    def __init__(self, app: str, workers: int, env: dict[str, str], pythonpath: Path | None = None) -> None:
+    ``threads`` above 1 gives gunicorn's threaded (gthread) workers, 1 its sync workers.
+    """
+
+    def __init__(
+        self, app: str, workers: int, env: dict[str, str], pythonpath: Path | None = None, threads: int = 1
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         command = [PYTHON, "-m", "gunicorn", app, "--bind", f"127.0.0.1:{self.port}", "--workers", str(workers)]
+        command += ["--threads", str(threads)]
         command += ["--graceful-timeout", "5", "--no-control-socket", "--backlog", "256"]
         if pythonpath:
             command += ["--pythonpath", str(pythonpath)]

@@ -34,19 +34,27 @@ from connector.db.engine import create_engine_for
 from connector.db.schema import metadata
 
 # Fast enough for any receiver on two cores, so that no event is sent twice within a run.
-EVENTS_PER_SECOND_CEILING = 4000
+EVENTS_PER_SECOND_CEILING = 8000
 
 
 class Receiver:
     """One receiver under test: how to start it, empty its tables and count what it stored."""
 
-    def __init__(self, name: str, app: str, env: dict[str, str], database_url: str, pythonpath: Path | None = None):
-        self.name, self.app, self.env, self.pythonpath = name, app, env, pythonpath
+    def __init__(
+        self,
+        name: str,
+        app: str,
+        env: dict[str, str],
+        database_url: str,
+        pythonpath: Path | None = None,
+        threads: int = 1,
+    ):
+        self.name, self.app, self.env, self.pythonpath, self.threads = name, app, env, pythonpath, threads
         self.engine = create_engine_for(Config(database_url=database_url))
         self.server: common.Server | None = None
 
     def start(self, workers: int) -> None:
-        self.server = common.Server(self.app, workers, self.env, self.pythonpath)
+        self.server = common.Server(self.app, workers, self.env, self.pythonpath, self.threads)
 
     def stop(self) -> None:
         if self.server:
@@ -70,17 +78,17 @@ class Receiver:
             return conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()  # noqa: S608
 
 
-def connector_receiver(url: str) -> Receiver:
+def connector_receiver(url: str, threads: int = Config.threads) -> Receiver:
     env = {"CONNECTOR_DATABASE_URL": url, "CONNECTOR_WEBHOOK_SECRETS": common.SECRET, "CONNECTOR_LOG_LEVEL": "warning"}
-    return Receiver("connector", "connector.wsgi:app", env, url)
+    return Receiver("connector", "connector.wsgi:app", env, url, threads=threads)
 
 
-def minimal_receiver(url: str, round_trips: int = 1) -> Receiver:
+def minimal_receiver(url: str, round_trips: int = 1, threads: int = 1) -> Receiver:
     dsn = common.libpq_dsn(url)
     with psycopg.connect(dsn, autocommit=True) as conn:
         create_table(conn)
     env = {"BENCH_SECRET": common.SECRET, "BENCH_DSN": dsn, "BENCH_ROUND_TRIPS": str(round_trips)}
-    return Receiver("minimal", "minimal_receiver:app", env, url, pythonpath=common.BENCH_DIR)
+    return Receiver("minimal", "minimal_receiver:app", env, url, pythonpath=common.BENCH_DIR, threads=threads)
 
 
 def measure(receiver: Receiver, events_file: Path, seconds: float) -> dict[str, Any]:
@@ -101,17 +109,19 @@ def describe(name: str, workers: int, figures: dict[str, Any]) -> str:
     )
 
 
-def run_postgresql(
-    workers_list: list[int], rounds: int, seconds: float, warmup: float, events_file: Path, round_trips: int = 1
-) -> list:
+def run_postgresql(args: argparse.Namespace, events_file: Path) -> list:
+    rounds, seconds, warmup = args.rounds, args.seconds, args.warmup
     results = []
-    for workers in workers_list:
+    for workers in args.workers:
         with (
             common.bench_database("ingest_connector") as connector_url,
             common.bench_database("ingest_minimal") as minimal_url,
         ):
             common.migrate(connector_url)
-            receivers = [minimal_receiver(minimal_url, round_trips), connector_receiver(connector_url)]
+            receivers = [
+                minimal_receiver(minimal_url, args.minimal_round_trips, args.minimal_threads),
+                connector_receiver(connector_url, args.threads),
+            ]
             try:
                 for receiver in receivers:
                     receiver.start(workers)
@@ -148,15 +158,14 @@ def run_postgresql(
     return results
 
 
-def run_sqlite(
-    workers_list: list[int], rounds: int, seconds: float, warmup: float, events_file: Path, round_trips: int = 1
-) -> list:
+def run_sqlite(args: argparse.Namespace, events_file: Path) -> list:
+    rounds, seconds, warmup = args.rounds, args.seconds, args.warmup
     results = []
-    for workers in workers_list:
+    for workers in args.workers:
         with tempfile.TemporaryDirectory(prefix="coherent_bench_sqlite_") as directory:
             url = f"sqlite:///{directory}/coherent.db"
             common.migrate(url)
-            receiver = connector_receiver(url)
+            receiver = connector_receiver(url, args.threads)
             try:
                 receiver.start(workers)
                 measure(receiver, events_file, warmup)
@@ -187,7 +196,21 @@ def run_sqlite(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--database", choices=("postgresql", "sqlite"), default="postgresql")
-    parser.add_argument("--workers", default="1,2,4", help="comma-separated gunicorn worker counts")
+    parser.add_argument(
+        "--workers",
+        type=lambda v: [int(w) for w in v.split(",")],
+        default=[1, 2, 4],
+        help="comma-separated worker counts",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=Config.threads, help="the connector's threads per worker (default: its default)"
+    )
+    parser.add_argument(
+        "--minimal-threads",
+        type=int,
+        default=1,
+        help="the minimal receiver's threads per worker (default 1: sync workers; above 1, a connection per thread)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per worker count")
     parser.add_argument("--seconds", type=float, default=10, help="length of each measured run")
     parser.add_argument("--warmup", type=float, default=2, help="length of the unmeasured first run")
@@ -200,9 +223,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args()
     common.require_wrk()
-    workers_list = [int(w) for w in args.workers.split(",")]
 
-    common.banner(f"ingest on {args.database}: wrk -t2 -c16, {args.rounds} rounds of {args.seconds:g} s")
+    common.banner(
+        f"ingest on {args.database}: wrk -t2 -c16, {args.rounds} rounds of {args.seconds:g} s; "
+        f"threads per worker: connector {args.threads}, minimal {args.minimal_threads}"
+    )
     with tempfile.TemporaryDirectory(prefix="coherent_bench_") as directory:
         events_file = Path(directory) / "events.tsv"
         count = int(EVENTS_PER_SECOND_CEILING * max(args.seconds, args.warmup))
@@ -210,7 +235,7 @@ def main() -> None:
         common.write_signed_events(events_file, common.EventFactory().take(count))
         print(f"# {count} distinct signed events written in {time.monotonic() - started:.1f} s", flush=True)
         run = run_postgresql if args.database == "postgresql" else run_sqlite
-        results = run(workers_list, args.rounds, args.seconds, args.warmup, events_file, args.minimal_round_trips)
+        results = run(args, events_file)
     if args.json:
         args.json.write_text(json.dumps({"database": args.database, "results": results}, indent=2))
 

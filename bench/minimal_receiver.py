@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import os
+import threading
 
 import falcon
 import psycopg
@@ -30,13 +31,13 @@ def create_table(conn: psycopg.Connection) -> None:
 
 
 class MinimalReceiver:
-    """``POST /webhooks``: verify, insert, commit, answer. One connection per worker process."""
+    """``POST /webhooks``: verify, insert, commit, answer. One connection per worker thread."""
 
     def __init__(self, secret: str, dsn: str, round_trips: int = 1) -> None:
         self.secret = secret.encode()
         self.dsn = dsn
         self.round_trips = round_trips
-        self.conn: psycopg.Connection | None = None
+        self.local = threading.local()
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = req.bounded_stream.read()
@@ -44,19 +45,20 @@ class MinimalReceiver:
         if not hmac.compare_digest(expected, req.get_header("x-protocol-signature") or ""):
             raise falcon.HTTPUnauthorized(title="bad signature")
         event_id = json.loads(body)["id"]
-        if self.conn is None or self.conn.closed:
+        conn = getattr(self.local, "conn", None)
+        if conn is None or conn.closed:
             # Autocommit: the INSERT is its own transaction, committed before execute() returns.
-            self.conn = psycopg.connect(self.dsn, autocommit=True)
+            conn = self.local.conn = psycopg.connect(self.dsn, autocommit=True)
         insert = f"INSERT INTO {TABLE} (event_id, body) VALUES (%s, %s) ON CONFLICT DO NOTHING"  # noqa: S608
         if self.round_trips == 1:
-            self.conn.execute(insert, (event_id, body.decode()))
+            conn.execute(insert, (event_id, body.decode()))
         else:
             # An experiment, not a receiver: as many round trips as the connector's per-event
             # transaction (BEGIN, SELECTs, the INSERT, COMMIT), to see what round trips alone cost.
-            with self.conn.transaction():
+            with conn.transaction():
                 for _ in range(self.round_trips - 3):
-                    self.conn.execute("SELECT 1")
-                self.conn.execute(insert, (event_id, body.decode()))
+                    conn.execute("SELECT 1")
+                conn.execute(insert, (event_id, body.decode()))
         resp.media = {"event_id": event_id}
 
 

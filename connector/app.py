@@ -11,6 +11,7 @@ from connector.config import Config
 from connector.db.engine import create_engine_for
 from connector.db.store import EventStore
 from connector.errors import DatabaseUnavailable, RequestRejected
+from connector.group_commit import GroupCommit
 from connector.metrics import MetricsResource
 from connector.telemetry import RequestTelemetry
 from connector.webhooks import HealthResource, ReadinessResource, WebhookResource
@@ -67,7 +68,7 @@ def create_app(config: Config, store: EventStore | None = None) -> falcon.App:
         )
     app = falcon.App(middleware=[RequestTelemetry()])
     app.req_options.strip_url_path_trailing_slash = True
-    app.add_route("/webhooks", WebhookResource(store, config))
+    app.add_route("/webhooks", WebhookResource(GroupCommit(store), config))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadinessResource(store))
     app.add_route("/metrics", MetricsResource())

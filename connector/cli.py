@@ -78,12 +78,13 @@ def cli(ctx: click.Context, database_url: str | None) -> None:
 @cli.command()
 @click.option("--bind", help="Address to listen on, e.g. 0.0.0.0:8000 (default: the configured bind).")
 @click.option("--workers", type=int, help="Number of gunicorn worker processes.")
+@click.option("--threads", type=int, help="Request threads per worker; their events share transactions.")
 @click.pass_obj
-def serve(obj: _Context, bind: str | None, workers: int | None) -> None:
+def serve(obj: _Context, bind: str | None, workers: int | None, threads: int | None) -> None:
     """Run the webhook receiver under gunicorn."""
     from connector.server import run_gunicorn
 
-    config = obj.config(bind=bind, workers=workers)
+    config = obj.config(bind=bind, workers=workers, threads=threads)
     try:
         config.require_secrets()
     except ConfigError as exc:

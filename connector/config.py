@@ -27,6 +27,7 @@ class Config:
     max_body_bytes: int = 1024 * 1024
     bind: str = "127.0.0.1:8000"
     workers: int = 2
+    threads: int = 16
     timeout: int = 30
     graceful_timeout: int = 30
     lock_timeout_ms: int = 2000
@@ -41,6 +42,8 @@ class Config:
             raise ConfigError("max_body_bytes must be a positive number of bytes")
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
+        if self.threads < 1:
+            raise ConfigError("threads must be at least 1")
         if self.retry_attempts < 1:
             raise ConfigError("retry_attempts must be at least 1")
         if self.log_format not in ("json", "logfmt"):

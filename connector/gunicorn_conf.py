@@ -1,4 +1,4 @@
-"""gunicorn settings that make ``/metrics`` count every worker.
+"""gunicorn settings that make ``/metrics`` count every worker, and run the configured threads.
 
 ``connector serve`` applies them itself. With plain gunicorn, name this module as the config::
 
@@ -55,3 +55,13 @@ def on_exit(server: Any) -> None:
 
 # Run in the master as gunicorn reads this module: before the app is loaded, before any fork.
 _METRICS_DIR, _OWNED_DIR = prepare_metrics_dir()
+
+
+def configured_threads() -> int:
+    """The connector's ``threads`` setting, for plain gunicorn (its own ``--threads`` still wins)."""
+    from connector.config import load_config
+
+    return load_config().threads
+
+
+threads = configured_threads()

@@ -62,6 +62,11 @@ DATABASE_RETRIES = Counter(
     "coherent_database_retries",
     "Transactions run again after a transient database error or a race lost to a concurrent writer.",
 )
+GROUP_SIZE = Histogram(
+    "coherent_group_commit_size",
+    "Events recorded per transaction by the webhook receiver (group commit; see connector.group_commit).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 
 
 def observe_request(summary: RequestSummary) -> None:

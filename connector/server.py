@@ -22,6 +22,9 @@ class ConnectorServer(BaseApplication):
         settings = {
             "bind": self.config_.bind,
             "workers": self.config_.workers,
+            # More than one thread makes gunicorn use its gthread worker, whose in-flight requests
+            # share transactions (connector.group_commit).
+            "threads": self.config_.threads,
             "timeout": self.config_.timeout,
             "graceful_timeout": self.config_.graceful_timeout,
             "loglevel": self.config_.log_level,

@@ -11,6 +11,7 @@ from connector.db.migrate import head_revision
 from connector.db.store import EventStore
 from connector.errors import BodyTooLarge, DatabaseUnavailable, LengthRequired, UnsupportedEncoding
 from connector.events import parse_event
+from connector.group_commit import GroupCommit
 from connector.signing import SIGNATURE_HEADER, verify_signature
 
 _READ_CHUNK = 64 * 1024
@@ -45,10 +46,10 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
 
 
 class WebhookResource:
-    """``POST /webhooks``: one Coherent event per request."""
+    """``POST /webhooks``: one Coherent event per request, committed with those in flight beside it."""
 
-    def __init__(self, store: EventStore, config: Config) -> None:
-        self.store = store
+    def __init__(self, group_commit: GroupCommit, config: Config) -> None:
+        self.group_commit = group_commit
         self.secrets = config.webhook_secrets
         self.max_body_bytes = config.max_body_bytes
 
@@ -57,7 +58,7 @@ class WebhookResource:
         verify_signature(body, req.get_header(SIGNATURE_HEADER), self.secrets)
         event = parse_event(body)
         req.context.event = event  # for the request's log line, also when recording it fails
-        outcome = self.store.record(event)
+        outcome = self.group_commit.record(event)
         req.context.outcome = outcome
         resp.media = {"event_id": event.event_id, "outcome": outcome.value}
 
