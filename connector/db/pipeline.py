@@ -5,9 +5,9 @@ The webhook receiver records a few events per transaction (one, or a group; see
 client's CPU per statement outweighs the database's work. Here the same plan (``connector.db.plan``)
 goes through psycopg's pipeline mode on the connection SQLAlchemy holds:
 
-1. the seen-id check and the row locks (``SELECT ... FOR UPDATE``, in id order), then one sync;
+1. one statement: the seen-id check and the row locks (``SELECT ... FOR UPDATE``, in id order);
 2. the ordering rules, in Python, exactly as on every other path;
-3. every write, and ``COMMIT``, then one sync.
+3. every write, and ``COMMIT``, pipelined, then one sync.
 
 A row or event id that a concurrent writer created first makes a plain INSERT fail with a unique
 violation; that aborts the rest of the pipeline, ``COMMIT`` included, so nothing is half written,
@@ -40,7 +40,27 @@ from connector.events import Event, Outcome, RowState
 
 _UNIQUE_VIOLATION = "23505"
 
-_SEEN = f"SELECT event_id FROM {events.name} WHERE event_id = ANY(%(ids)s)"  # noqa: S608 - our own names
+
+# One statement reads what a batch needs: the event ids already in the log, and every row it touches,
+# locked, one resource after another in a fixed order and in id order within each (so that concurrent
+# writers lock alike). A resource the batch does not touch gets an empty list, so the statement is
+# always the same one and psycopg prepares it once.
+def _read_statement() -> str:
+    locked = {resource: f"locked_{resource}" for resource in sorted(state_tables)}
+    ctes = [
+        f"{cte} AS (SELECT id, _raw, _last_action, _event_id, _deleted_at FROM {state_tables[resource].name} "
+        f"WHERE id = ANY(%({resource})s) ORDER BY id FOR UPDATE)"
+        for resource, cte in locked.items()
+    ]
+    seen = (
+        f"SELECT '', event_id, NULL::json, NULL, NULL, NULL::timestamptz FROM {events.name} "
+        "WHERE event_id = ANY(%(seen)s)"
+    )
+    rows = [f"SELECT '{resource}', * FROM {cte}" for resource, cte in locked.items()]
+    return f"WITH {', '.join(ctes)} {' UNION ALL '.join([seen, *rows])}"
+
+
+_READ = _read_statement()
 
 
 def usable(conn: Connection) -> bool:
@@ -49,25 +69,16 @@ def usable(conn: Connection) -> bool:
 
 
 @functools.cache
-def _lock(resource: str) -> str:
-    table = state_tables[resource].name
-    return (
-        f"SELECT id, _raw, _last_action, _event_id, _deleted_at FROM {table} "  # noqa: S608 - our own names
-        "WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE"
-    )
-
-
-@functools.cache
 def _delete_children(resource: str) -> str:
     child, parent_key = child_tables[resource]
-    return f"DELETE FROM {child.name} WHERE {parent_key} = ANY(%(ids)s)"  # noqa: S608 - our own names
+    return f"DELETE FROM {child.name} WHERE {parent_key} = ANY(%(ids)s)"
 
 
 @functools.cache
 def _insert(table: Table, names: tuple[str, ...], overwrite: bool) -> str:
     columns = ", ".join(f'"{name}"' for name in names)
     values = ", ".join(f"%({name})s" for name in names)
-    statement = f"INSERT INTO {table.name} ({columns}) VALUES ({values})"  # noqa: S608 - our own names
+    statement = f"INSERT INTO {table.name} ({columns}) VALUES ({values})"
     if overwrite:
         key = [column.name for column in table.primary_key.columns]
         assignments = ", ".join(f'"{name}" = EXCLUDED."{name}"' for name in names if name not in key)
@@ -97,22 +108,19 @@ def record_events(conn: Connection, deliveries: Sequence[tuple[Event, datetime]]
     """Record and apply ``deliveries`` in order and COMMIT; the same contract as the store's own path."""
     driver = conn.connection.driver_connection
     try:
-        with driver_errors(conn, "pipelined reads"), driver.pipeline() as pipeline:
-            seen_cursor = driver.cursor()
-            seen_cursor.execute(_SEEN, {"ids": [event.event_id for event, _ in deliveries]})
-            lock_cursors = {}
-            for resource, ids in ids_to_lock(deliveries).items():
-                lock_cursors[resource] = cursor = driver.cursor()
-                cursor.execute(_lock(resource), {"ids": ids})
-            pipeline.sync()
-            seen = {row[0] for row in seen_cursor.fetchall()}
-            states = {
-                resource: {
-                    rid: RowState(raw, last_action, event_id, deleted_at and deleted_at.astimezone(UTC))
-                    for rid, raw, last_action, event_id, deleted_at in cursor.fetchall()
-                }
-                for resource, cursor in lock_cursors.items()
-            }
+        locks = ids_to_lock(deliveries)
+        params = {resource: locks.get(resource, []) for resource in state_tables}
+        with driver_errors(conn, "read and lock"), driver.cursor() as cursor:
+            cursor.execute(_READ, {"seen": [event.event_id for event, _ in deliveries], **params})
+            seen: set[str] = set()
+            states: dict[str, dict[str, RowState]] = {resource: {} for resource in locks}
+            for resource, rid, raw, last_action, event_id, deleted_at in cursor:
+                if resource:
+                    states[resource][rid] = RowState(
+                        raw, last_action, event_id, deleted_at and deleted_at.astimezone(UTC)
+                    )
+                else:
+                    seen.add(rid)
 
         fresh = fresh_deliveries(deliveries, seen)
         existing = {resource: set(rows) for resource, rows in states.items()}
