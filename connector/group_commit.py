@@ -88,6 +88,9 @@ class GroupCommit:
         try:
             self._commit(group)
         finally:
+            for pending in group:
+                if not pending.done:  # an error in flight: never leave a request waiting
+                    pending.settle(error=DatabaseUnavailable("the write was interrupted"))
             with self._lock:
                 if self._queue:
                     self._queue[0].wake.set()  # still leading: the turn passes to that request
@@ -124,10 +127,6 @@ class GroupCommit:
         else:
             for pending, outcome in zip(live, outcomes, strict=True):
                 pending.settle(outcome)
-        finally:
-            for pending in live:
-                if not pending.done:  # a BaseException in flight: never leave a request waiting
-                    pending.settle(error=DatabaseUnavailable("the write was interrupted"))
 
     def _commit_one_by_one(self, group: list[_Pending]) -> None:
         for pending in group:
