@@ -29,7 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import create_engine, event, text
+import psycopg
+from sqlalchemy import create_engine, text
 
 from bench import common
 from bench.ingest import EVENTS_PER_SECOND_CEILING, connector_receiver
@@ -86,32 +87,50 @@ def sample_events(url: str) -> list[bytes]:
 
 
 def explain_hot_path(url: str) -> list[tuple[str, str]]:
-    """The plans of the statements the store sends for the sample events, each (statement, plan)."""
+    """The plans of the statements the store sends for the sample events, each (statement, plan).
+
+    The store sends most of them through psycopg's pipeline, around SQLAlchemy, so they are caught
+    at psycopg's cursor; its COMMIT is held back, so every sample event is rolled back.
+    """
     from connector.config import Config
     from connector.db.engine import create_engine_for
 
     engine = create_engine_for(Config(database_url=url))
     captured: list[tuple[str, Any]] = []
+    execute, executemany = psycopg.Cursor.execute, psycopg.Cursor.executemany
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def capture(conn, cursor, statement, parameters, context, executemany):
-        if not statement.lstrip().upper().startswith("EXPLAIN"):
-            # A batch sent with executemany has the same plan for each row: explain the first.
-            captured.append((statement, parameters[0] if executemany else parameters))
+    def capturing_execute(cursor, query, params=None, **kwargs):
+        if str(query).strip().upper() == "COMMIT":
+            return cursor
+        if str(query).lstrip().upper().startswith(("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")):
+            captured.append((str(query), params))
+        return execute(cursor, query, params, **kwargs)
+
+    def capturing_executemany(cursor, query, params_seq, **kwargs):
+        params_seq = list(params_seq)
+        captured.append((str(query), params_seq[0]))  # the same plan for every row: explain the first
+        return executemany(cursor, query, params_seq, **kwargs)
 
     plans = []
+    samples = sample_events(url)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")  # SQLAlchemy's own first-connect queries, before capturing
+    psycopg.Cursor.execute, psycopg.Cursor.executemany = capturing_execute, capturing_executemany
     try:
         with engine.connect() as conn:
-            for body in sample_events(url):
+            for body in samples:
                 with conn.begin() as transaction:
                     record_events(conn, [(parse_event(body), datetime.now(UTC))])
                     transaction.rollback()
-            statements = list(captured)
-            with conn.begin() as transaction:
-                for statement, parameters in statements:
-                    result = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {statement}", parameters)
-                    plans.append((statement, "\n".join(row[0] for row in result)))
-                transaction.rollback()
+    finally:
+        psycopg.Cursor.execute, psycopg.Cursor.executemany = execute, executemany
+    try:
+        with engine.connect() as conn, conn.begin() as transaction:
+            cursor = conn.connection.driver_connection.cursor()
+            for statement, parameters in captured:
+                cursor.execute(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {statement}", parameters)
+                plans.append((statement, "\n".join(row[0] for row in cursor.fetchall())))
+            transaction.rollback()
     finally:
         engine.dispose()
     return plans
