@@ -14,10 +14,11 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, Delete, Engine, Select, bindparam, delete, select
+from sqlalchemy import ColumnElement, Connection, Delete, Engine, Select, any_, bindparam, delete, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 
 from connector.db import dialects, pipeline
@@ -90,27 +91,35 @@ def _describe(exc: DBAPIError) -> str:
     return f"the database refused the write ({type(exc.orig or exc).__name__})"
 
 
-# The hot path's statements are built once, with the id lists as expanding parameters: building
-# them for every event cost more CPU than executing them.
-_IDS = bindparam("ids", expanding=True)
-_SEEN_QUERY = select(events.c.event_id).where(events.c.event_id.in_(_IDS))
+# The hot path's statements are built once per dialect: building them for every event cost more CPU
+# than executing them. PostgreSQL takes an id list as one array parameter (``= ANY``); elsewhere it is
+# an expanding ``IN (...)``, which SQLAlchemy renders, and the driver parses, for every list length.
+def _ids(column: ColumnElement[Any], dialect: str) -> ColumnElement[bool]:
+    if dialect == "postgresql":
+        return column == any_(bindparam("ids", type_=postgresql.ARRAY(column.type)))
+    return column.in_(bindparam("ids", expanding=True))
 
 
 @functools.cache
-def _lock_query(resource: str) -> Select:
+def _seen_query(dialect: str) -> Select:
+    return select(events.c.event_id).where(_ids(events.c.event_id, dialect))
+
+
+@functools.cache
+def _lock_query(resource: str, dialect: str) -> Select:
     table = state_tables[resource]
     return (
         select(table.c.id, table.c._raw, table.c._last_action, table.c._event_id, table.c._deleted_at)
-        .where(table.c.id.in_(_IDS))
+        .where(_ids(table.c.id, dialect))
         .order_by(table.c.id)
         .with_for_update()
     )
 
 
 @functools.cache
-def _delete_children(resource: str) -> Delete:
+def _delete_children(resource: str, dialect: str) -> Delete:
     child, parent_key = child_tables[resource]
-    return delete(child).where(child.c[parent_key].in_(_IDS))
+    return delete(child).where(_ids(child.c[parent_key], dialect))
 
 
 def _in_chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -123,7 +132,7 @@ def _load_states(conn: Connection, resource: str, ids: Iterable[str]) -> dict[st
     """Lock and read the rows for ``ids``, in id order so concurrent writers lock alike."""
     states: dict[str, RowState] = {}
     for chunk in _in_chunks(sorted(set(ids))):
-        for row in conn.execute(_lock_query(resource), {"ids": chunk}).mappings():
+        for row in conn.execute(_lock_query(resource, conn.dialect.name), {"ids": chunk}).mappings():
             states[row["id"]] = RowState(row["_raw"], row["_last_action"], row["_event_id"], row["_deleted_at"])
     return states
 
@@ -136,7 +145,7 @@ def _write_states(conn: Connection, resource: str, writes: StateWrites, portable
     dialects.upsert(conn, table, writes.existing, portable=portable)
     if resource in child_tables:
         for chunk in _in_chunks(writes.clear_children_of):
-            conn.execute(_delete_children(resource), {"ids": chunk})
+            conn.execute(_delete_children(resource, conn.dialect.name), {"ids": chunk})
         dialects.insert_rows(conn, child_tables[resource][0], writes.children, portable=portable)
 
 
@@ -171,7 +180,7 @@ def record_events(
         return pipeline.record_events(conn, deliveries)
     seen: set[str] = set()
     for chunk in _in_chunks([event.event_id for event, _ in deliveries]):
-        seen.update(conn.scalars(_SEEN_QUERY, {"ids": chunk}))
+        seen.update(conn.scalars(_seen_query(conn.dialect.name), {"ids": chunk}))
     fresh = fresh_deliveries(deliveries, seen)
     outcomes = apply_events(conn, fresh, portable=portable)
     log_rows = [
