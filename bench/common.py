@@ -40,6 +40,41 @@ RESOURCE_WEIGHTS = {"message": 50, "attachment": 15, "contact": 12, "conversatio
 ACTION_WEIGHTS = {"created": 60, "updated": 32, "deleted": 8}
 
 
+@contextlib.contextmanager
+def psycopg_statements(*, hold_commit: bool = False) -> Iterator[list[tuple[str, Any]]]:
+    """Collect (statement, parameters) of every SELECT, INSERT, UPDATE, DELETE or WITH psycopg sends.
+
+    The store sends its PostgreSQL hot path through psycopg's pipeline, around SQLAlchemy's cursor
+    events, so this patches psycopg's cursor for the duration. An executemany counts once, with its
+    first row's parameters. ``hold_commit`` skips the pipeline's own ``COMMIT``, so the caller can
+    roll the transaction back.
+    """
+    import psycopg
+
+    captured: list[tuple[str, Any]] = []
+    execute, executemany = psycopg.Cursor.execute, psycopg.Cursor.executemany
+    kinds = ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")
+
+    def capturing_execute(cursor, query, params=None, **kwargs):
+        text_ = str(query).strip()
+        if hold_commit and text_.upper() == "COMMIT":
+            return cursor
+        if text_.upper().startswith(kinds):
+            captured.append((text_, params))
+        return execute(cursor, query, params, **kwargs)
+
+    def capturing_executemany(cursor, query, params_seq, **kwargs):
+        params_seq = list(params_seq)
+        captured.append((str(query).strip(), params_seq[0] if params_seq else None))
+        return executemany(cursor, query, params_seq, **kwargs)
+
+    psycopg.Cursor.execute, psycopg.Cursor.executemany = capturing_execute, capturing_executemany
+    try:
+        yield captured
+    finally:
+        psycopg.Cursor.execute, psycopg.Cursor.executemany = execute, executemany
+
+
 def machine_load() -> str:
     """The 1, 5 and 15 minute load averages, as ``uptime`` shows them."""
     one, five, fifteen = os.getloadavg()

@@ -29,7 +29,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psycopg
 from sqlalchemy import create_engine, text
 
 from bench import common
@@ -96,34 +95,15 @@ def explain_hot_path(url: str) -> list[tuple[str, str]]:
     from connector.db.engine import create_engine_for
 
     engine = create_engine_for(Config(database_url=url))
-    captured: list[tuple[str, Any]] = []
-    execute, executemany = psycopg.Cursor.execute, psycopg.Cursor.executemany
-
-    def capturing_execute(cursor, query, params=None, **kwargs):
-        if str(query).strip().upper() == "COMMIT":
-            return cursor
-        if str(query).lstrip().upper().startswith(("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")):
-            captured.append((str(query), params))
-        return execute(cursor, query, params, **kwargs)
-
-    def capturing_executemany(cursor, query, params_seq, **kwargs):
-        params_seq = list(params_seq)
-        captured.append((str(query), params_seq[0]))  # the same plan for every row: explain the first
-        return executemany(cursor, query, params_seq, **kwargs)
-
     plans = []
     samples = sample_events(url)
     with engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1")  # SQLAlchemy's own first-connect queries, before capturing
-    psycopg.Cursor.execute, psycopg.Cursor.executemany = capturing_execute, capturing_executemany
-    try:
-        with engine.connect() as conn:
-            for body in samples:
-                with conn.begin() as transaction:
-                    record_events(conn, [(parse_event(body), datetime.now(UTC))])
-                    transaction.rollback()
-    finally:
-        psycopg.Cursor.execute, psycopg.Cursor.executemany = execute, executemany
+    with common.psycopg_statements(hold_commit=True) as captured, engine.connect() as conn:
+        for body in samples:
+            with conn.begin() as transaction:
+                record_events(conn, [(parse_event(body), datetime.now(UTC))])
+                transaction.rollback()
     try:
         with engine.connect() as conn, conn.begin() as transaction:
             cursor = conn.connection.driver_connection.cursor()
