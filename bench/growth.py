@@ -33,8 +33,8 @@ from sqlalchemy import create_engine, text
 
 from bench import common
 from bench.ingest import EVENTS_PER_SECOND_CEILING, connector_receiver
+from connector.db import pipeline
 from connector.db.schema import child_tables, state_tables
-from connector.db.store import record_events
 from connector.events import parse_event
 
 
@@ -102,7 +102,7 @@ def explain_hot_path(url: str) -> list[tuple[str, str]]:
     with common.psycopg_statements(hold_commit=True) as captured, engine.connect() as conn:
         for body in samples:
             with conn.begin() as transaction:
-                record_events(conn, [(parse_event(body), datetime.now(UTC))])
+                pipeline.record_events(conn, [(parse_event(body), datetime.now(UTC))])
                 transaction.rollback()
     try:
         with engine.connect() as conn, conn.begin() as transaction:

@@ -66,8 +66,9 @@ class DatabaseUnavailable(ConnectorError):
 
 
 class WriteRefused(DatabaseUnavailable):
-    """The database refused a write for what it holds, not for being busy: retrying the same rows fails alike.
+    """The database refused the write for what it holds (a constraint, a value it cannot store).
 
-    Still a 503 to the sender, whose later retry may meet a repaired database, but a group of events
-    that fails this way is run again one event at a time (see ``connector.group_commit``).
+    Still a 503 to the sender, whose later retry may meet a repaired database. A group of events that
+    fails this way is run again one event at a time, so the others are not refused with it (see
+    ``connector.group_commit``).
     """

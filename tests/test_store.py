@@ -1,14 +1,17 @@
 """The store on real SQLite, PostgreSQL and MariaDB: the change log, the state tables and the rules."""
 
+import time
 from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import Engine, create_engine, func, select
 
+from connector.db.engine import create_engine_for
 from connector.db.schema import events, group_members, message_reactions, state_tables
 from connector.db.store import EventStore
+from connector.errors import DatabaseUnavailable, WriteRefused
 from connector.events import Event, Outcome, parse_event
-from tests.conftest import empty_tables, encode, envelope
+from tests.conftest import empty_tables, encode, envelope, make_config
 
 
 @pytest.fixture(params=["native", "portable"])
@@ -269,3 +272,27 @@ def test_large_batches_leave_the_same_tables_as_one_event_at_a_time(any_store, e
     assert Outcome.STALE in batched and Outcome.AFTER_DELETE in batched
     assert _snapshot(engine) == in_batches
     assert [e["event_id"] for e in log(engine)] == [event.event_id for event in first + second]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://root@127.0.0.1:1/nowhere", "mysql://root@127.0.0.1:1/nowhere", "sqlite:////nonexistent/dir/x.db"],
+)
+def test_an_unreachable_database_is_unavailable_not_a_refused_write(url):
+    """Group commit runs a refused group again event by event; an unreachable database must not be one."""
+    store = EventStore(create_engine_for(make_config(url)))
+    with pytest.raises(DatabaseUnavailable) as raised:
+        store.record(make("contact.created", {"id": "c1"}))
+    assert not isinstance(raised.value, WriteRefused)
+    store.engine.dispose()
+
+
+def test_a_key_clash_that_is_no_race_is_a_refused_write_not_retried(any_store, engine):
+    """A child row left behind under a new group's id clashes on insert: refused at once, not retried as a race."""
+    with engine.begin() as conn:
+        conn.execute(group_members.insert().values(group_id="g1", position=0, contact_id="x", username="left"))
+    started = time.monotonic()
+    with pytest.raises(WriteRefused):
+        any_store.record(make("group.created", {"id": "g1", "contacts": [{"id": "c1", "username": "kevin"}]}))
+    assert any_store.retries == 0 and time.monotonic() - started < 2
+    assert log(engine) == []

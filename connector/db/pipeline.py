@@ -39,6 +39,9 @@ from connector.db.types import json_dumps
 from connector.events import Event, Outcome, RowState
 
 _UNIQUE_VIOLATION = "23505"
+# The unique keys a concurrent writer can take first: an event id, or a new row's id. A unique
+# violation on anything else (a child row's key, say) is not a race, and retrying would not help.
+_RACE_CONSTRAINTS = frozenset([f"uq_{events.name}_event_id", *(f"pk_{table.name}" for table in state_tables.values())])
 
 
 # One statement reads what a batch needs: the event ids already in the log, and every row it touches,
@@ -61,6 +64,12 @@ def _read_statement() -> str:
 
 
 _READ = _read_statement()
+
+
+def _lost_race(error: Any) -> bool:
+    if getattr(error, "sqlstate", None) != _UNIQUE_VIOLATION:
+        return False
+    return getattr(getattr(error, "diag", None), "constraint_name", None) in _RACE_CONSTRAINTS
 
 
 def usable(conn: Connection) -> bool:
@@ -105,7 +114,11 @@ def _write(cursor: Any, table: Table, rows: Sequence[dict[str, Any]], *, overwri
 
 
 def record_events(conn: Connection, deliveries: Sequence[tuple[Event, datetime]]) -> list[Outcome]:
-    """Record and apply ``deliveries`` in order and COMMIT; the same contract as the store's own path."""
+    """Record and apply ``deliveries`` in order, then COMMIT the caller's transaction.
+
+    The same outcomes, rows and errors as :func:`connector.db.store.record_events`, which instead
+    leaves the transaction to its caller.
+    """
     driver = conn.connection.driver_connection
     try:
         locks = ids_to_lock(deliveries)
@@ -140,7 +153,7 @@ def record_events(conn: Connection, deliveries: Sequence[tuple[Event, datetime]]
             _write(cursor, events, log_rows)
             cursor.execute("COMMIT")
     except Exception as exc:
-        if getattr(getattr(exc, "orig", None), "sqlstate", None) == _UNIQUE_VIOLATION:
+        if _lost_race(getattr(exc, "orig", None)):
             raise LostRace("a concurrent writer created the same row or event id first") from exc
         raise
     return outcomes_in_order(deliveries, fresh, outcomes)

@@ -68,6 +68,9 @@ def state_writes(resource: str, changed: dict[str, RowState], existing: set[str]
         if child_rows:
             parent_key = child_tables[resource][1]
             writes.children.extend({parent_key: rid, **child_row} for child_row in child_rows)
+    # New rows go in id order, as rows are locked: two transactions inserting the same new ids in
+    # opposite orders would wait on each other's index entries.
+    writes.new.sort(key=lambda row: row["id"])
     # Only rows that existed before this transaction can have child rows to replace; a row it
     # creates has none yet (and if a concurrent writer created it first, LostRace is raised).
     if resource in child_tables:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from alembic.migration import MigrationContext
 from sqlalchemy import ColumnElement, Connection, Delete, Engine, Select, any_, bindparam, delete, select
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from connector.db import dialects, pipeline
 from connector.db.plan import (
@@ -54,6 +54,9 @@ _TRANSIENT_MYSQL_CODES = {1205, 1213, 2006, 2013}
 _LOCK_WAIT_SQLSTATES = {"55P03", "57014"}
 _LOCK_WAIT_MYSQL_CODES = {1205}
 
+# MySQL and MariaDB refusals that PyMySQL reports as OperationalError: a failed CHECK constraint.
+_REFUSED_MYSQL_CODES = {3819, 4025}
+
 # The longest back-off between two attempts.
 _MAX_PAUSE = 0.2
 
@@ -80,6 +83,13 @@ def is_transient(exc: DBAPIError) -> bool:
 def waited_out_a_lock(exc: DBAPIError) -> bool:
     """Whether ``exc`` ended a whole lock wait (as opposed to a deadlock or a dropped connection)."""
     return _matches(exc, _LOCK_WAIT_SQLSTATES, _LOCK_WAIT_MYSQL_CODES, ("database is locked",))
+
+
+def _unavailable(exc: DBAPIError) -> DatabaseUnavailable:
+    """The 503 for ``exc``, of the kind that tells group commit whether to try each event alone."""
+    if isinstance(exc, (IntegrityError, DataError)) or _matches(exc, set(), _REFUSED_MYSQL_CODES, ()):
+        return WriteRefused(_describe(exc))
+    return DatabaseUnavailable(_describe(exc))
 
 
 def _describe(exc: DBAPIError) -> str:
@@ -175,9 +185,6 @@ def record_events(
     Returns one outcome per delivery. An event id already in the log, or earlier in the same batch,
     is a ``duplicate`` and writes nothing.
     """
-    if not portable and len(deliveries) < dialects.COPY_MIN_ROWS and pipeline.usable(conn):
-        # A few events, as the webhook receiver sends: two round trips instead of one per statement.
-        return pipeline.record_events(conn, deliveries)
     seen: set[str] = set()
     for chunk in _in_chunks([event.event_id for event, _ in deliveries]):
         seen.update(conn.scalars(_seen_query(conn.dialect.name), {"ids": chunk}))
@@ -221,9 +228,15 @@ class EventStore:
 
         ``deadline`` (a ``time.monotonic()`` value) ends the retries instead of the retry budget.
         """
-        return self.run_in_transaction(
-            lambda conn: record_events(conn, deliveries, portable=self.portable), deadline=deadline
-        )
+
+        def work(conn: Connection) -> list[Outcome]:
+            if not self.portable and len(deliveries) < dialects.COPY_MIN_ROWS and pipeline.usable(conn):
+                # A few events, as the webhook receiver sends: two round trips, not one per statement.
+                # This path COMMITs the transaction itself (its COMMIT is pipelined with the writes).
+                return pipeline.record_events(conn, deliveries)
+            return record_events(conn, deliveries, portable=self.portable)
+
+        return self.run_in_transaction(work, deadline=deadline)
 
     def run_in_transaction(self, work: Callable[[Connection], T], *, deadline: float | None = None) -> T:
         """Run ``work`` in a transaction, retrying lost races and transient database errors.
@@ -249,14 +262,13 @@ class EventStore:
                 with self.engine.begin() as conn:
                     return work(conn)
             except LostRace:
-                if attempt >= self.retry_attempts * 4:
+                if attempt >= self.retry_attempts * 4 or time.monotonic() + _MAX_PAUSE > deadline:
                     raise DatabaseUnavailable("kept losing races to concurrent writers") from None
             except DBAPIError as exc:
                 DATABASE_ERRORS.labels(type(exc.orig or exc).__name__).inc()
-                transient = is_transient(exc)
-                if not transient or attempt >= self.retry_attempts or not self._retry_fits(exc, deadline):
+                if not is_transient(exc) or attempt >= self.retry_attempts or not self._retry_fits(exc, deadline):
                     log.warning("database unavailable: %s: %s", _describe(exc), type(exc.orig or exc).__name__)
-                    raise (DatabaseUnavailable if transient else WriteRefused)(_describe(exc)) from exc
+                    raise _unavailable(exc) from exc
             self.retries += 1
             DATABASE_RETRIES.inc()
             time.sleep(min(_MAX_PAUSE, 0.01 * 2**attempt) * random.random())
