@@ -17,8 +17,12 @@ What does not change:
   group rolled back whole, so the sender's retry of each event is applied exactly once.
 - ``seq`` order per resource is apply order: a group takes its row locks and writes like any batch.
 - A request that has waited its whole retry budget in the queue gets its 503 without a write.
-- One event the database refuses for what it is (not a transient error) cannot fail the others:
-  a group that fails that way is run again one event per transaction.
+- One event's data cannot fail the others: a group that fails on a write the database refuses for
+  what it holds, or on a fault in the connector, is run again one event per transaction, each within
+  its own retry budget. Any other failure (the database unreachable, read-only or full; a row locked
+  elsewhere past the lock timeout) fails the group at once with 503, and the sender retries each.
+- A request never waits without bound: if the database call under way hangs, the requests behind
+  it get 503 once they have waited longer than any group can take.
 """
 
 from __future__ import annotations
@@ -69,16 +73,32 @@ class GroupCommit:
         with self._lock:
             self._queue.append(pending)
             follow, self._leading = self._leading, True
-        if follow:
-            # Woken once: when the group holding this event has ended, or when the leader before
-            # hands over to this request, the first of the next group.
-            pending.wake.wait()
+        if follow and not pending.wake.wait(self._patience()):
+            self._give_up(pending)
         if not pending.done:
             self._lead()
         if pending.error is not None:
             raise pending.error
         assert pending.outcome is not None
         return pending.outcome
+
+    def _patience(self) -> float:
+        # Long enough for the group before this one and this one's own, each ending within its retry
+        # budget plus one lock wait already under way, as they do unless a database call hangs.
+        return self.store.retry_budget_seconds * 2 + self.store.lock_timeout_seconds + 1
+
+    def _give_up(self, pending: _Pending) -> None:
+        """A follower waited past all patience (the leader is stuck in a database call): answer 503.
+
+        Woken meanwhile, it carries on as usual. Still queued, it leaves the queue unwritten. Taken
+        into the stuck group, its event may yet be committed; the sender's retry is then a duplicate.
+        """
+        with self._lock:
+            if pending.wake.is_set():
+                return
+            if pending in self._queue:
+                self._queue.remove(pending)
+        raise DatabaseUnavailable("the database did not answer in time")
 
     def _lead(self) -> None:
         """Commit everything queued (this request's event included), then hand over to the next."""
@@ -114,25 +134,43 @@ class GroupCommit:
                 [(p.event, p.received_at) for p in live], deadline=min(p.deadline for p in live)
             )
         except Exception as exc:
-            if len(live) > 1 and (isinstance(exc, WriteRefused) or not isinstance(exc, DatabaseUnavailable)):
+            if len(live) > 1 and _may_be_one_events(exc):
                 # One event the database refuses, or that sets off a fault in the connector, must
-                # not fail the others: run them alone, so only its own request gets the error.
+                # not fail the others: run them one at a time.
                 self._commit_one_by_one(live)
             else:
-                # Busy or unreachable: every event waits for the sender's retry. Each request raises
-                # an exception of its own; one object raised in many threads would collect all their
-                # tracebacks.
+                # The database as a whole is down or busy: every event waits for the sender's retry.
                 for pending in live:
-                    pending.settle(error=exc if len(live) == 1 else type(exc)(str(exc)))
+                    pending.settle(error=exc if len(live) == 1 else _copy(exc))
         else:
             for pending, outcome in zip(live, outcomes, strict=True):
                 pending.settle(outcome)
 
     def _commit_one_by_one(self, group: list[_Pending]) -> None:
-        for pending in group:
+        for position, pending in enumerate(group):
+            if pending.deadline <= time.monotonic():
+                pending.settle(error=DatabaseUnavailable(_WAITED_TOO_LONG))
+                continue
             try:
                 [outcome] = self.store.record_many([(pending.event, pending.received_at)], deadline=pending.deadline)
             except Exception as exc:
                 pending.settle(error=exc)
+                if not _may_be_one_events(exc):  # the database as a whole: the rest would fail alike
+                    for rest in group[position + 1 :]:
+                        rest.settle(error=_copy(exc))
+                    return
             else:
                 pending.settle(outcome)
+
+
+def _may_be_one_events(exc: Exception) -> bool:
+    """Whether ``exc`` may be down to one event of a group rather than the database as a whole."""
+    return isinstance(exc, WriteRefused) or not isinstance(exc, DatabaseUnavailable)
+
+
+def _copy(exc: Exception) -> Exception:
+    """An exception like ``exc`` for another request: one object raised in many threads would
+    collect all their tracebacks."""
+    copy = type(exc)(str(exc))
+    copy.__cause__ = exc.__cause__
+    return copy
