@@ -315,7 +315,7 @@ def send(obj: _Context, file: Path, url: str | None, new_id: bool, timeout: floa
 
 
 @cli.command()
-@click.option("--batch-size", type=click.IntRange(min=1), default=2000, show_default=True, help="Log rows per batch.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=10_000, show_default=True, help="Log rows per batch.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @click.pass_obj
 def rebuild(obj: _Context, batch_size: int, progress: bool) -> None:

@@ -28,7 +28,9 @@ from connector.db.store import apply_events
 from connector.errors import DatabaseUnavailable
 from connector.events import Event
 
-DEFAULT_BATCH_SIZE = 2000
+# Log rows per batch. Larger batches pay each batch's fixed cost less often: a 1M-event rebuild took
+# 115 s at 10,000 against 177 s at 2,000, with memory flat at 123 MiB (docs/performance.md).
+DEFAULT_BATCH_SIZE = 10_000
 
 # How long the rebuild itself waits for in-flight webhook transactions to finish before it gives up.
 _LOCK_WAIT_SECONDS = 60
