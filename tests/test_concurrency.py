@@ -334,9 +334,8 @@ def test_serialization_failures_under_serializable_isolation_are_retried_inside_
     # and InnoDB's shared read locks deadlock (1213); the store must retry both, not give up.
     serializable = create_engine_for(make_config(database[0]), isolation_level="SERIALIZABLE")
     store = EventStore(serializable, retry_attempts=10)
-    deliveries = [
-        parse_event(encode(envelope("contact.updated", {"id": f"c{n % 2}", "username": f"u{n}"}))) for n in range(60)
-    ]
+    deliveries: list = []
+    outcomes: list = []
     refused = []
 
     def deliver(event):
@@ -348,8 +347,18 @@ def test_serialization_failures_under_serializable_isolation_are_retried_inside_
         raise AssertionError(f"{event.event_id} was refused 20 times")
 
     try:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            outcomes = list(pool.map(deliver, deliveries))
+        # Whether concurrent transactions collide depends on timing; another batch is sent until they
+        # have (nearly always in the first).
+        for _batch in range(5):
+            batch = [
+                parse_event(encode(envelope("contact.updated", {"id": f"c{n % 2}", "username": f"u{n}"})))
+                for n in range(60)
+            ]
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                outcomes += list(pool.map(deliver, batch))
+            deliveries += batch
+            if store.retries:
+                break
     finally:
         serializable.dispose()
     assert store.retries > 0  # the failures happened, and were retried
