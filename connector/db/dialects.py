@@ -52,10 +52,17 @@ def _insert_or_overwrite(table: Table, dialect: str, others: tuple[str, ...]) ->
     return statement.on_conflict_do_update(index_elements=key, set_={name: statement.excluded[name] for name in others})
 
 
+@functools.cache
+def json_columns(table: Table) -> frozenset[str]:
+    """The columns of ``table`` holding JSON: a write that bypasses the engine serializes them itself,
+    with :func:`connector.db.types.json_dumps`, as the engine would."""
+    return frozenset(column.name for column in table.columns if isinstance(column.type, JSON))
+
+
 def _copy(conn: Connection, target: str, table: Table, names: list[str], rows: Sequence[dict[str, Any]]) -> None:
     """PostgreSQL: COPY ``rows`` (the columns ``names`` of ``table``) into ``target``, numbering them."""
     columns = ", ".join(f'"{name}"' for name in names)
-    is_json = [isinstance(table.c[name].type, JSON) for name in names]
+    is_json = [name in json_columns(table) for name in names]
     numbered = target != table.name
     statement = f"COPY {target} ({columns}{', stage_order' if numbered else ''}) FROM STDIN"
     with driver_errors(conn, statement):

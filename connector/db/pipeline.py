@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Connection, Table
+from sqlalchemy import Connection, Table
 
-from connector.db.dialects import driver_errors
+from connector.db.dialects import driver_errors, json_columns
 from connector.db.plan import (
     LostRace,
     fold,
@@ -95,21 +95,14 @@ def _insert(table: Table, names: tuple[str, ...], overwrite: bool) -> str:
     return statement
 
 
-@functools.cache
-def _json_columns(table: Table) -> frozenset[str]:
-    return frozenset(column.name for column in table.columns if isinstance(column.type, JSON))
-
-
 def _write(cursor: Any, table: Table, rows: Sequence[dict[str, Any]], *, overwrite: bool = False) -> None:
     """Queue ``rows`` for ``table``: a plain INSERT, or with ``overwrite`` an upsert on the key."""
     if not rows:
         return
     names = tuple(rows[0])
     # The engine's JSON serializer is bypassed here, so serialize as it would.
-    json_columns = _json_columns(table).intersection(names)
-    params = [
-        {**row, **{name: json_dumps(row[name]) for name in json_columns if row[name] is not None}} for row in rows
-    ]
+    json_names = json_columns(table).intersection(names)
+    params = [{**row, **{name: json_dumps(row[name]) for name in json_names if row[name] is not None}} for row in rows]
     cursor.executemany(_insert(table, names, overwrite), params)
 
 

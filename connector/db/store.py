@@ -12,7 +12,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -138,10 +138,11 @@ def _in_chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
         yield ids[start : start + _ID_CHUNK]
 
 
-def _load_states(conn: Connection, resource: str, ids: Iterable[str]) -> dict[str, RowState]:
-    """Lock and read the rows for ``ids``, in id order so concurrent writers lock alike."""
+def _load_states(conn: Connection, resource: str, ids: Sequence[str]) -> dict[str, RowState]:
+    """Lock and read the rows for ``ids`` (sorted and distinct, as :func:`ids_to_lock` gives them), in
+    that order, so that concurrent writers lock alike."""
     states: dict[str, RowState] = {}
-    for chunk in _in_chunks(sorted(set(ids))):
+    for chunk in _in_chunks(ids):
         for row in conn.execute(_lock_query(resource, conn.dialect.name), {"ids": chunk}).mappings():
             states[row["id"]] = RowState(row["_raw"], row["_last_action"], row["_event_id"], row["_deleted_at"])
     return states
