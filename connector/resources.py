@@ -10,7 +10,7 @@ import dataclasses
 import enum
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -157,45 +157,75 @@ def timestamp_to_datetime(value: Any) -> datetime:
     return datetime.fromtimestamp(value, tz=UTC)
 
 
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypingError(f"expected a string, got {_type_name(value)}")
+    return storable_text(value)
+
+
+def _identifier(value: Any) -> str:
+    if isinstance(value, str) and len(value) > MAX_ID_LENGTH:
+        raise TypingError(f"an id longer than {MAX_ID_LENGTH} characters")
+    return _text(value)
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypingError(f"expected a boolean, got {_type_name(value)}")
+    return value
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypingError(f"expected an integer, got {_type_name(value)}")
+    if not MIN_BIGINT <= value <= MAX_BIGINT:
+        raise TypingError("an integer outside the 64-bit range")
+    return value
+
+
+def _object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypingError(f"expected an object, got {_type_name(value)}")
+    return value
+
+
+def _array(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypingError(f"expected an array, got {_type_name(value)}")
+    return value
+
+
+_CONVERTERS: dict[Kind, Callable[[Any], Any]] = {
+    Kind.ID: _identifier,
+    Kind.TEXT: _text,
+    Kind.TIMESTAMP: timestamp_to_datetime,
+    Kind.BOOLEAN: _boolean,
+    Kind.INTEGER: _integer,
+    Kind.OBJECT: _object,
+    Kind.ARRAY: _array,
+}
+
+
 def type_value(kind: Kind, value: Any) -> Any:
     """Return ``value`` as its column stores it, or raise :class:`TypingError`. None stays None."""
-    if value is None:
-        return None
-    match kind:
-        case Kind.TEXT | Kind.ID:
-            if not isinstance(value, str):
-                raise TypingError(f"expected a string, got {_type_name(value)}")
-            if kind is Kind.ID and len(value) > MAX_ID_LENGTH:
-                raise TypingError(f"an id longer than {MAX_ID_LENGTH} characters")
-            return storable_text(value)
-        case Kind.TIMESTAMP:
-            return timestamp_to_datetime(value)
-        case Kind.BOOLEAN:
-            if not isinstance(value, bool):
-                raise TypingError(f"expected a boolean, got {_type_name(value)}")
-            return value
-        case Kind.INTEGER:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypingError(f"expected an integer, got {_type_name(value)}")
-            if not MIN_BIGINT <= value <= MAX_BIGINT:
-                raise TypingError("an integer outside the 64-bit range")
-            return value
-        case Kind.OBJECT:
-            if not isinstance(value, dict):
-                raise TypingError(f"expected an object, got {_type_name(value)}")
-            return value
-        case Kind.ARRAY:
-            if not isinstance(value, list):
-                raise TypingError(f"expected an array, got {_type_name(value)}")
-            return value
-    raise AssertionError(kind)  # pragma: no cover - every Kind is matched above
+    return None if value is None else _CONVERTERS[kind](value)
 
 
-def _derived(resource: Resource, raw: Mapping[str, Any]) -> dict[str, Any]:
-    if resource.name == "message":
-        contact = raw.get("contact")
-        return {"contact_id": contact.get("id") if isinstance(contact, dict) else None}
-    return {}
+def _message_contact_id(raw: Mapping[str, Any]) -> Any:
+    contact = raw.get("contact")
+    return contact.get("id") if isinstance(contact, dict) else None
+
+
+# Typing runs for every row written, so each resource's columns are resolved once: the column's
+# name, how to derive its value where it is not a field of the payload, and its converter.
+_Derive = Callable[[Mapping[str, Any]], Any]
+_DERIVED: dict[tuple[str, str], _Derive] = {("message", "contact_id"): _message_contact_id}
+_TYPERS: dict[str, tuple[tuple[str, _Derive | None, Callable[[Any], Any]], ...]] = {
+    resource.name: tuple(
+        (name, _DERIVED.get((resource.name, name)), _CONVERTERS[kind]) for name, kind in resource.columns.items()
+    )
+    for resource in RESOURCES.values()
+}
 
 
 def typed_columns(resource: Resource, raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -206,9 +236,13 @@ def typed_columns(resource: Resource, raw: Mapping[str, Any]) -> tuple[dict[str,
     """
     values: dict[str, Any] = {}
     errors: dict[str, str] = {}
-    for name, value in {**{f: raw.get(f) for f in resource.fields}, **_derived(resource, raw)}.items():
+    for name, derive, convert in _TYPERS[resource.name]:
+        value = raw.get(name) if derive is None else derive(raw)
+        if value is None:
+            values[name] = None
+            continue
         try:
-            values[name] = type_value(resource.columns[name], value)
+            values[name] = convert(value)
         except TypingError as exc:
             values[name] = None
             errors[name] = str(exc)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +22,8 @@ Sequence = BigInteger().with_variant(Integer(), "sqlite")
 
 # ASCII-only JSON: \u0000 and lone surrogates stay escapes, which every database accepts in a JSON
 # or text column, so any document a sender signs can be stored exactly.
-json_dumps = functools.partial(json.dumps, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+# One encoder, built once: ``json.dumps`` with options builds a new one for every call.
+json_dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode
 
 
 class JSONText(TypeDecorator[Any]):
