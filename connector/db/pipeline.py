@@ -116,8 +116,10 @@ def record_events(conn: Connection, deliveries: Sequence[tuple[Event, datetime]]
     try:
         locks = ids_to_lock(deliveries)
         params = {resource: locks.get(resource, []) for resource in state_tables}
-        with driver_errors(conn, "read and lock"), driver.cursor() as cursor:
+        with driver_errors(conn, "pipelined transaction"), driver.pipeline() as pipeline, driver.cursor() as cursor:
+            # The transaction's BEGIN goes in the same round trip as the read.
             cursor.execute(_READ, {"seen": [event.event_id for event, _ in deliveries], **params})
+            pipeline.sync()
             seen: set[str] = set()
             states: dict[str, dict[str, RowState]] = {resource: {} for resource in locks}
             for resource, rid, raw, last_action, event_id, deleted_at in cursor:
@@ -128,11 +130,10 @@ def record_events(conn: Connection, deliveries: Sequence[tuple[Event, datetime]]
                 else:
                     seen.add(rid)
 
-        fresh = fresh_deliveries(deliveries, seen)
-        existing = {resource: set(rows) for resource, rows in states.items()}
-        outcomes, changed = fold(fresh, states)
-        synced_at = datetime.now(UTC)
-        with driver_errors(conn, "pipelined writes"), driver.pipeline(), driver.cursor() as cursor:
+            fresh = fresh_deliveries(deliveries, seen)
+            existing = {resource: set(rows) for resource, rows in states.items()}
+            outcomes, changed = fold(fresh, states)
+            synced_at = datetime.now(UTC)
             for resource, rows in changed.items():
                 if rows:
                     writes = state_writes(resource, rows, existing[resource], synced_at)
