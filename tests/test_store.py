@@ -1,5 +1,6 @@
 """The store on real SQLite, PostgreSQL and MariaDB: the change log, the state tables and the rules."""
 
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -8,7 +9,7 @@ from sqlalchemy import Engine, create_engine, func, select
 
 from connector.db.engine import create_engine_for
 from connector.db.schema import events, group_members, message_reactions, state_tables
-from connector.db.store import EventStore
+from connector.db.store import EventStore, record_events
 from connector.errors import DatabaseUnavailable, WriteRefused
 from connector.events import Event, Outcome, parse_event
 from tests.conftest import empty_tables, encode, envelope, make_config
@@ -296,3 +297,36 @@ def test_a_key_clash_that_is_no_race_is_a_refused_write_not_retried(any_store, e
         any_store.record(make("group.created", {"id": "g1", "contacts": [{"id": "c1", "username": "kevin"}]}))
     assert any_store.retries == 0 and time.monotonic() - started < 2
     assert log(engine) == []
+
+
+@pytest.mark.parametrize("taken", ["event id", "row id"])
+def test_a_large_batch_that_loses_a_race_for_a_key_runs_again_and_applies_the_rest(any_store, engine, taken):
+    """Another transaction writes a key of the batch after the batch looked for it: the batch (large
+    enough for PostgreSQL's COPY path) runs again, finds that key taken, and applies the rest."""
+    now = datetime.now(UTC)
+    batch = [(make("contact.created", {"id": f"c{i:02}", "username": f"u{i}"}, f"e{i:02}"), now) for i in range(40)]
+    if taken == "event id":
+        rival = make("contact.created", {"id": "elsewhere"}, "e07")
+    else:
+        rival = make("contact.created", {"id": "c07", "username": "first"}, "rival")
+    outcomes: list[Outcome] = []
+    # The rival's write is held uncommitted: on PostgreSQL the batch's look for its keys does not
+    # see it, and its insert waits on the rival's key until the rival commits.
+    with engine.connect() as holder, holder.begin():
+        record_events(holder, [(rival, now)])
+        worker = threading.Thread(target=lambda: outcomes.extend(any_store.record_many(batch)))
+        worker.start()
+        time.sleep(0.5)
+    worker.join(timeout=30)
+    assert len(outcomes) == 40
+    if engine.dialect.name == "postgresql":
+        # Elsewhere the batch's look may wait for the rival instead: SQLite has one writer at a time,
+        # and InnoDB's locking read of the row waits on the rival's uncommitted insert.
+        assert any_store.retries >= 1
+    if taken == "event id":
+        assert outcomes[7] is Outcome.DUPLICATE and row(engine, "contact", "c07") is None
+        assert outcomes[:7] + outcomes[8:] == [Outcome.APPLIED] * 39
+    else:
+        assert outcomes == [Outcome.APPLIED] * 40
+        assert row(engine, "contact", "c07")["username"] == "u7"
+    assert len(log(engine)) == 40 if taken == "event id" else 41

@@ -17,6 +17,8 @@ from sqlalchemy import JSON, Connection, Insert, Table, bindparam, insert, updat
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from connector.db.plan import LostRace
+from connector.db.schema import events, state_tables
 from connector.db.types import json_dumps
 
 # Rows per multi-row statement: well under SQLite's 32,766 bound parameters and PostgreSQL's 65,535.
@@ -27,6 +29,18 @@ CHUNK_ROWS = 500
 COPY_MIN_ROWS = 16
 
 _MYSQL_DUPLICATE_KEY = 1062
+
+_UNIQUE_VIOLATION = "23505"
+# The unique keys a concurrent writer can take first: an event id, or a new row's id. A unique
+# violation on anything else (a child row's key, say) is not a race, and retrying would not help.
+_RACE_CONSTRAINTS = frozenset([f"uq_{events.name}_event_id", *(f"pk_{table.name}" for table in state_tables.values())])
+
+
+def lost_race(error: Any) -> bool:
+    """Whether the PostgreSQL driver error ``error`` is a concurrent writer's key taken first."""
+    if getattr(error, "sqlstate", None) != _UNIQUE_VIOLATION:
+        return False
+    return getattr(getattr(error, "diag", None), "constraint_name", None) in _RACE_CONSTRAINTS
 
 
 def _native(conn: Connection, portable: bool) -> str:
@@ -128,16 +142,36 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], 
         conn.execute(table.insert(), list(chunk))
 
 
-def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], *, portable: bool = False) -> int:
+def insert_new(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], *, portable: bool = False) -> None:
+    """Insert ``rows``, whose keys this transaction found free; raise :class:`LostRace` if a concurrent
+    writer has taken one since.
+
+    On PostgreSQL, many rows go by one COPY straight into ``table`` (in their order, so ``seq``
+    follows it): a taken key fails the COPY with a unique violation, which aborts the transaction
+    and is the lost race. Elsewhere the rows are inserted skipping taken keys, and any shortfall is it.
+    """
+    if not rows:
+        return
+    if _native(conn, portable) == "postgresql" and len(rows) >= COPY_MIN_ROWS:
+        try:
+            insert_rows(conn, table, rows)
+        except IntegrityError as exc:
+            if lost_race(exc.orig):
+                raise LostRace(f"a concurrent writer took a key of {table.name} first") from exc
+            raise
+        return
+    if _insert_ignore(conn, table, rows, portable=portable) != len(rows):
+        raise LostRace(f"a concurrent writer took a key of {table.name} first")
+
+
+def _insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], *, portable: bool = False) -> int:
     """Insert ``rows``, skipping any whose key already exists; return how many were inserted.
 
     On MySQL and in the portable path a multi-row statement is all or nothing: one existing key
-    skips its whole chunk, and the count says so. Callers treat any shortfall as a lost race.
+    skips its whole chunk, and the count says so.
     """
     inserted = 0
     dialect = _native(conn, portable)
-    if dialect == "postgresql" and len(rows) >= COPY_MIN_ROWS:
-        return _copy_through_stage(conn, table, rows, "ON CONFLICT DO NOTHING")
     for chunk in _chunks(rows):
         if dialect == "postgresql":
             # psycopg's executemany sends the rows in pipeline mode as one prepared statement, and

@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Table
 
-from connector.db.dialects import driver_errors, json_columns
+from connector.db.dialects import driver_errors, json_columns, lost_race
 from connector.db.plan import (
     LostRace,
     fold,
@@ -37,11 +37,6 @@ from connector.db.plan import (
 from connector.db.schema import child_tables, events, state_tables
 from connector.db.types import json_dumps
 from connector.events import Event, Outcome, RowState
-
-_UNIQUE_VIOLATION = "23505"
-# The unique keys a concurrent writer can take first: an event id, or a new row's id. A unique
-# violation on anything else (a child row's key, say) is not a race, and retrying would not help.
-_RACE_CONSTRAINTS = frozenset([f"uq_{events.name}_event_id", *(f"pk_{table.name}" for table in state_tables.values())])
 
 
 # One statement reads what a batch needs: the event ids already in the log, and every row it touches,
@@ -64,12 +59,6 @@ def _read_statement() -> str:
 
 
 _READ = _read_statement()
-
-
-def _lost_race(error: Any) -> bool:
-    if getattr(error, "sqlstate", None) != _UNIQUE_VIOLATION:
-        return False
-    return getattr(getattr(error, "diag", None), "constraint_name", None) in _RACE_CONSTRAINTS
 
 
 def usable(conn: Connection) -> bool:
@@ -147,7 +136,7 @@ def record_events(conn: Connection, deliveries: Sequence[tuple[Event, datetime]]
             _write(cursor, events, log_rows)
             cursor.execute("COMMIT")
     except Exception as exc:
-        if _lost_race(getattr(exc, "orig", None)):
+        if lost_race(getattr(exc, "orig", None)):
             raise LostRace("a concurrent writer created the same row or event id first") from exc
         raise
     return outcomes_in_order(deliveries, fresh, outcomes)

@@ -150,8 +150,7 @@ def _load_states(conn: Connection, resource: str, ids: Sequence[str]) -> dict[st
 
 def _write_states(conn: Connection, resource: str, writes: StateWrites, portable: bool) -> None:
     table = state_tables[resource]
-    if writes.new and dialects.insert_ignore(conn, table, writes.new, portable=portable) != len(writes.new):
-        raise LostRace(f"a concurrent writer created a {resource} row first")
+    dialects.insert_new(conn, table, writes.new, portable=portable)
     # These rows are locked by this transaction, so overwriting them is safe.
     dialects.upsert(conn, table, writes.existing, portable=portable)
     if resource in child_tables:
@@ -194,8 +193,7 @@ def record_events(
     log_rows = [
         log_row(event, received_at, outcome) for (event, received_at), outcome in zip(fresh, outcomes, strict=True)
     ]
-    if log_rows and dialects.insert_ignore(conn, events, log_rows, portable=portable) != len(log_rows):
-        raise LostRace("a concurrent writer recorded the same event id first")
+    dialects.insert_new(conn, events, log_rows, portable=portable)
     return outcomes_in_order(deliveries, fresh, outcomes)
 
 
