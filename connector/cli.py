@@ -202,15 +202,12 @@ def import_(obj: _Context, file: Path, batch_size: int, skip_bad: bool) -> None:
     Signatures are not checked: the file is the operator's own. Rerunning, also after a crash, is
     safe: events already recorded are duplicates and write nothing.
     """
-    from connector.db.transfer import import_lines, read_lines
+    from connector.db.transfer import check_file, import_lines, read_lines
 
-    lines = bad = 0
-    for line in read_lines(file):
-        lines += 1
-        if line.problem is not None:
-            bad += 1
-            if bad <= _MAX_BAD_LINES_SHOWN:
-                click.echo(f"{file}:{line.number}: {line.problem}", err=True)
+    check = check_file(file, keep=_MAX_BAD_LINES_SHOWN)
+    lines, bad = check.lines, check.bad
+    for line in check.first_bad:
+        click.echo(f"{file}:{line.number}: {line.problem}", err=True)
     if bad > _MAX_BAD_LINES_SHOWN:
         click.echo(f"... and {bad - _MAX_BAD_LINES_SHOWN} more bad lines", err=True)
     if bad and not skip_bad:

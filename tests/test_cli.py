@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, inspect, select, text
 
 from connector.cli import cli
 from connector.db.migrate import head_revision
 from connector.db.schema import events, metadata
+from connector.db.transfer import check_file, read_lines
 from tests.conftest import SECRET, Gunicorn, empty_tables, envelope, free_port
 
 ROOT = Path(__file__).parent.parent
@@ -197,6 +200,37 @@ def test_import_reports_bad_lines_by_number_and_imports_nothing_unless_told(db_u
     assert result.exit_code == 1 and "imported 2 events" in result.stdout and "skipped 3 bad lines" in result.stdout
     with engine.connect() as conn:
         assert conn.scalars(select(events.c.event_id).order_by(events.c.seq)).all() == ["e01", "e02"]
+
+
+_LINE_KINDS = {
+    "good": json.dumps({"id": "e1", "type": "contact.created", "payload": {"id": "c1"}}) + "\n",
+    "not json": "{not json\n",
+    "no type": json.dumps({"id": "e2", "payload": {"id": "c2"}}) + "\n",
+    "blank": "\n",
+    "spaces": "   \n",
+    "long good": json.dumps({"id": "e3", "type": "message.created", "payload": {"id": "m", "message": "x" * 300}})
+    + "\n",
+}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kinds=st.lists(st.sampled_from(sorted(_LINE_KINDS)), max_size=60),
+    last_newline=st.booleans(),
+    processes=st.integers(1, 5),
+    part_bytes=st.integers(1, 400),
+)
+def test_checking_a_file_in_parallel_parts_finds_what_reading_it_line_by_line_does(
+    tmp_path, kinds, last_newline, processes, part_bytes
+):
+    text = "".join(_LINE_KINDS[kind] for kind in kinds)
+    path = tmp_path / "lines.jsonl"
+    path.write_text(text if last_newline else text.removesuffix("\n"))
+    check = check_file(path, keep=5, part_bytes=part_bytes, processes=processes)
+    lines = list(read_lines(path))
+    bad = [(line.number, line.problem) for line in lines if line.problem is not None]
+    assert (check.lines, check.bad) == (len(lines), len(bad))
+    assert [(line.number, line.problem) for line in check.first_bad] == bad[:5]
 
 
 def test_import_refuses_an_unmigrated_database(tmp_path):

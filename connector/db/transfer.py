@@ -16,8 +16,11 @@ applies the rest.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -76,6 +79,80 @@ def read_lines(path: Path) -> Iterator[Line]:
         for number, text in enumerate(fh, start=1):
             if text.strip():
                 yield parse_line(number, text)
+
+
+@dataclasses.dataclass
+class Check:
+    """What checking a file found: how many non-blank lines it has, and its bad ones."""
+
+    lines: int = 0
+    bad: int = 0
+    first_bad: list[Line] = dataclasses.field(default_factory=list)  # up to ``keep``, in file order
+
+
+def _check_range(path: Path, start: int, end: int, keep: int) -> tuple[int, Check]:
+    """Check the lines that begin in bytes ``[start, end)`` of ``path`` (``start`` begins a line).
+
+    Returns how many lines the range holds, blank ones included, and what checking found, with line
+    numbers counted from the range's first line as 1.
+    """
+    check = Check()
+    number = 0
+    with path.open("rb") as fh:
+        fh.seek(start)
+        position = start
+        while position < end and (text := fh.readline()):
+            position += len(text)
+            number += 1
+            if text.strip():
+                check.lines += 1
+                line = parse_line(number, text)
+                if line.problem is not None:
+                    check.bad += 1
+                    if len(check.first_bad) < keep:
+                        check.first_bad.append(line)
+    return number, check
+
+
+def _line_starts(path: Path, parts: int) -> list[int]:
+    """``parts`` + 1 byte offsets, each the start of a line (or the end), cutting ``path`` evenly."""
+    size = path.stat().st_size
+    starts = [0]
+    with path.open("rb") as fh:
+        for part in range(1, parts):
+            fh.seek(max(size * part // parts, starts[-1]))
+            fh.readline()  # on to the start of the next line
+            starts.append(min(fh.tell(), size))
+    return [*starts, size]
+
+
+# A file is checked in parallel parts of at least this many bytes each (about 30,000 events).
+_PART_BYTES = 8 << 20
+
+
+def check_file(path: Path, *, keep: int = 20, part_bytes: int = _PART_BYTES, processes: int | None = None) -> Check:
+    """Check every line of ``path`` as :func:`read_lines` parses it, in ``processes`` processes at once
+    (default: one per core), each taking a part of at least ``part_bytes``.
+
+    Keeps the first ``keep`` bad lines, with their line numbers in the file.
+    """
+    processes = processes or len(os.sched_getaffinity(0))
+    parts = max(1, min(processes, path.stat().st_size // part_bytes))
+    starts = _line_starts(path, parts)
+    ranges = [(path, start, end, keep) for start, end in itertools.pairwise(starts)]
+    if parts == 1:
+        results = [_check_range(*ranges[0])]
+    else:
+        with ProcessPoolExecutor(max_workers=parts) as pool:
+            results = list(pool.map(_check_range, *zip(*ranges, strict=True)))
+    check, offset = Check(), 0
+    for count, part in results:
+        check.lines += part.lines
+        check.bad += part.bad
+        room = keep - len(check.first_bad)
+        check.first_bad += [dataclasses.replace(line, number=line.number + offset) for line in part.first_bad[:room]]
+        offset += count
+    return check
 
 
 def import_lines(
