@@ -204,6 +204,11 @@ def import_(obj: _Context, file: Path, batch_size: int, skip_bad: bool) -> None:
     """
     from connector.db.transfer import check_file, import_lines, read_lines
 
+    if not file.is_file():
+        raise click.UsageError(
+            f"{file} is not a regular file (a pipe, say): the import reads it twice, to check every line "
+            "and then to load them; save it to a file first"
+        )
     check = check_file(file, keep=_MAX_BAD_LINES_SHOWN)
     lines, bad = check.lines, check.bad
     for line in check.first_bad:

@@ -233,6 +233,14 @@ def test_checking_a_file_in_parallel_parts_finds_what_reading_it_line_by_line_do
     assert [(line.number, line.problem) for line in check.first_bad] == bad[:5]
 
 
+def test_import_refuses_a_pipe_with_a_usage_error(tmp_path):
+    """The import reads its file twice (check, then load), which a pipe cannot give."""
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    result = run("--database-url", f"sqlite:///{tmp_path / 'x.db'}", "import", str(fifo))
+    assert result.exit_code == 2 and "is not a regular file" in result.stderr
+
+
 def test_import_refuses_an_unmigrated_database(tmp_path):
     path = write_lines(tmp_path / "h.jsonl", history())
     result = run("--database-url", f"sqlite:///{tmp_path / 'new.db'}", "import", str(path))

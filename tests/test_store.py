@@ -5,7 +5,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import Engine, create_engine, func, select, text
 
 from connector.db.engine import create_engine_for
 from connector.db.schema import events, group_members, message_reactions, state_tables
@@ -299,6 +299,20 @@ def test_a_key_clash_that_is_no_race_is_a_refused_write_not_retried(any_store, e
     assert log(engine) == []
 
 
+def _wait_until_blocked(engine: Engine) -> None:
+    """On PostgreSQL, wait until a session of this database waits for a lock; elsewhere, half a second."""
+    if engine.dialect.name != "postgresql":
+        time.sleep(0.5)
+        return
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + 10
+    with engine.connect() as conn:
+        while not conn.scalar(waiting) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
 @pytest.mark.parametrize("taken", ["event id", "row id"])
 def test_a_large_batch_that_loses_a_race_for_a_key_runs_again_and_applies_the_rest(any_store, engine, taken):
     """Another transaction writes a key of the batch after the batch looked for it: the batch (large
@@ -316,7 +330,7 @@ def test_a_large_batch_that_loses_a_race_for_a_key_runs_again_and_applies_the_re
         record_events(holder, [(rival, now)])
         worker = threading.Thread(target=lambda: outcomes.extend(any_store.record_many(batch)))
         worker.start()
-        time.sleep(0.5)
+        _wait_until_blocked(engine)
     worker.join(timeout=30)
     assert len(outcomes) == 40
     if engine.dialect.name == "postgresql":
@@ -329,4 +343,4 @@ def test_a_large_batch_that_loses_a_race_for_a_key_runs_again_and_applies_the_re
     else:
         assert outcomes == [Outcome.APPLIED] * 40
         assert row(engine, "contact", "c07")["username"] == "u7"
-    assert len(log(engine)) == 40 if taken == "event id" else 41
+    assert len(log(engine)) == (40 if taken == "event id" else 41)

@@ -24,8 +24,9 @@ from connector.db.types import json_dumps
 # Rows per multi-row statement: well under SQLite's 32,766 bound parameters and PostgreSQL's 65,535.
 CHUNK_ROWS = 500
 
-# From this many rows on, PostgreSQL gets them by COPY through a staging table. Per-row statements,
-# even pipelined, cost the client more CPU than the database's work; one COPY stream does not.
+# From this many rows on, PostgreSQL gets them by COPY: straight into the table, or through a staging
+# table for an upsert. Per-row statements, even pipelined, cost the client more CPU than the database's
+# work; one COPY stream does not.
 COPY_MIN_ROWS = 16
 
 _MYSQL_DUPLICATE_KEY = 1062

@@ -120,10 +120,19 @@ def _line_starts(path: Path, parts: int) -> list[int]:
     starts = [0]
     with path.open("rb") as fh:
         for part in range(1, parts):
-            fh.seek(max(size * part // parts, starts[-1]))
-            fh.readline()  # on to the start of the next line
-            starts.append(min(fh.tell(), size))
+            cut = size * part // parts
+            if cut > starts[-1]:
+                fh.seek(cut)
+                fh.readline()  # on to the start of the next line
+                starts.append(fh.tell())
+            else:  # the line read for an earlier cut runs past this one: this part is empty
+                starts.append(starts[-1])
     return [*starts, size]
+
+
+def _cores() -> int:
+    """The cores this process may run on (``os.sched_getaffinity`` exists on Linux only)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # A file is checked in parallel parts of at least this many bytes each (about 30,000 events).
@@ -136,7 +145,8 @@ def check_file(path: Path, *, keep: int = 20, part_bytes: int = _PART_BYTES, pro
 
     Keeps the first ``keep`` bad lines, with their line numbers in the file.
     """
-    processes = processes or len(os.sched_getaffinity(0))
+    processes = processes or _cores()
+    path = path.resolve()  # a process pool's workers may not share this one's working directory
     parts = max(1, min(processes, path.stat().st_size // part_bytes))
     starts = _line_starts(path, parts)
     ranges = [(path, start, end, keep) for start, end in itertools.pairwise(starts)]
