@@ -62,4 +62,5 @@ def test_mariadb_tables_are_utf8mb4(engine):
             .where(text("TABLE_SCHEMA = DATABASE() AND TABLE_TYPE = 'BASE TABLE' AND TABLE_NAME LIKE 'coherent%'"))
         ).all()
     assert len(collations) == len(metadata.tables)
-    assert {collation for _, collation in collations} == {"utf8mb4_bin"}
+    # Binary (case-sensitive) and NO PAD (trailing spaces count), as every other database compares.
+    assert {collation for _, collation in collations} == {"utf8mb4_nopad_bin"}

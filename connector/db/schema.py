@@ -21,8 +21,10 @@ NAMING_CONVENTION = {
 }
 
 # utf8mb4 for 4-byte characters such as emoji; a binary collation because Coherent ids are
-# case-sensitive ("WAz8e..." and "waz8e..." are two contacts) and so is every other database here.
-MYSQL_TABLE_ARGS = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+# case-sensitive ("WAz8e..." and "waz8e..." are two contacts) and so is every other database here;
+# NO PAD, so that "e1" and "e1 " differ too (migration 0004). MySQL 8 names its own utf8mb4_0900_bin,
+# which migration 0004 picks there; the tables are made by the migrations, not from these models.
+MYSQL_TABLE_ARGS = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_nopad_bin"}
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
