@@ -192,8 +192,14 @@ _MAX_BAD_LINES_SHOWN = 20
     help="Events per transaction.",
 )
 @click.option("--skip-bad", is_flag=True, help="Import the good lines even if some are bad (still exits 1).")
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 254),
+    help="Processes loading at once, each taking a share of the resource ids (default: one per core; "
+    "on SQLite always 1).",
+)
 @click.pass_obj
-def import_(obj: _Context, file: Path, batch_size: int, skip_bad: bool) -> None:
+def import_(obj: _Context, file: Path, batch_size: int, skip_bad: bool, processes: int | None) -> None:
     """Backfill FILE, JSON lines of webhook envelopes, by the same rules as live delivery.
 
     Each line is an envelope {"id", "type", "payload"}, optionally with "received_at" (ISO 8601 with
@@ -202,14 +208,16 @@ def import_(obj: _Context, file: Path, batch_size: int, skip_bad: bool) -> None:
     Signatures are not checked: the file is the operator's own. Rerunning, also after a crash, is
     safe: events already recorded are duplicates and write nothing.
     """
-    from connector.db.transfer import check_file, import_lines, read_lines
+    from connector.db.transfer import check_file, import_file, loaders_for
 
     if not file.is_file():
         raise click.UsageError(
             f"{file} is not a regular file (a pipe, say): the import reads it twice, to check every line "
             "and then to load them; save it to a file first"
         )
-    check = check_file(file, keep=_MAX_BAD_LINES_SHOWN)
+    config = obj.config()
+    loaders = loaders_for(config, processes)
+    check = check_file(file, keep=_MAX_BAD_LINES_SHOWN, loaders=loaders)
     lines, bad = check.lines, check.bad
     for line in check.first_bad:
         click.echo(f"{file}:{line.number}: {line.problem}", err=True)
@@ -219,12 +227,9 @@ def import_(obj: _Context, file: Path, batch_size: int, skip_bad: bool) -> None:
         click.echo(f"nothing imported: {bad} of {lines} lines are bad; fix them or pass --skip-bad", err=True)
         raise click.exceptions.Exit(EXIT_PROBLEM)
 
-    store = _ready_store(obj.config())
-    try:
-        with tqdm(total=lines, unit="event", disable=None, file=sys.stderr) as progress:
-            outcomes = import_lines(store, read_lines(file), batch_size=batch_size, on_batch=progress.update)
-    finally:
-        store.engine.dispose()
+    _ready_store(config).engine.dispose()  # each loader opens its own connections
+    with tqdm(total=lines - bad, unit="event", disable=None, file=sys.stderr) as progress:
+        outcomes = import_file(config, file, check, loaders, batch_size=batch_size, on_batch=progress.update)
     summary = ", ".join(f"{outcome} {count}" for outcome, count in sorted(outcomes.items())) or "no events"
     click.echo(f"imported {lines - bad} events from {file}: {summary}" + (f"; skipped {bad} bad lines" if bad else ""))
     if bad:

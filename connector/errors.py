@@ -14,6 +14,10 @@ class ConfigError(ConnectorError):
     """The configuration is missing something or holds an invalid value."""
 
 
+class FileChanged(ConnectorError):
+    """A file being imported no longer holds what checking it found."""
+
+
 class RequestRejected(ConnectorError):
     """A webhook request that is refused for what it is: the sender must not retry it as-is.
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import sqlite3
 import subprocess
 import sys
@@ -13,12 +14,15 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy import create_engine, func, inspect, select, text
 
 from connector.cli import cli
 from connector.db.migrate import head_revision
 from connector.db.schema import events, metadata
-from connector.db.transfer import check_file, read_lines
+from connector.db.store import EventStore
+from connector.db.transfer import SKIP, check_file, loader_of, planned_lines, read_lines
+from connector.errors import FileChanged
+from connector.events import event_from_document
 from tests.conftest import SECRET, Gunicorn, empty_tables, envelope, free_port
 
 ROOT = Path(__file__).parent.parent
@@ -74,12 +78,16 @@ def write_lines(path: Path, documents: list) -> Path:
 
 
 def snapshot(engine, *, ignore=("seq", "_synced_at")) -> dict[str, list[tuple]]:
-    """Every table's rows in key order, without the columns a round trip may legitimately change."""
+    """Every table's rows in key order, without the columns a round trip may legitimately change.
+
+    The change log is in event id order: an import numbers ``seq`` afresh, and its loaders in parallel
+    interleave different rows' events (:func:`seq_order_per_row` checks what the order must keep).
+    """
     tables = {}
     with engine.connect() as conn:
         for table in metadata.sorted_tables:
             columns = [column for column in table.c if column.name not in ignore]
-            order = [events.c.seq] if table is events else list(table.primary_key.columns)
+            order = [events.c.event_id] if table is events else list(table.primary_key.columns)
             tables[table.name] = [tuple(row) for row in conn.execute(select(*columns).order_by(*order))]
     return tables
 
@@ -148,7 +156,8 @@ def test_import_applies_a_backfill_under_the_live_rules(db_url, engine, tmp_path
     assert "imported 13 events" in result.stdout and "applied 8, duplicate 1" in result.stdout
     assert "after_delete 1" in result.stdout and "stale 2" in result.stdout and "unknown_type 1" in result.stdout
     with engine.connect() as conn:
-        outcomes = conn.execute(select(events.c.event_id, events.c.outcome).order_by(events.c.seq)).all()
+        # By event id: loaders in parallel interleave different rows' events in seq.
+        outcomes = conn.execute(select(events.c.event_id, events.c.outcome).order_by(events.c.event_id)).all()
         group = conn.execute(text("SELECT name, _deleted_at FROM coherent_groups")).one()
         received = conn.execute(select(events.c.received_at).where(events.c.event_id == "e08")).scalar_one()
         contact = conn.execute(text("SELECT username, display_name FROM coherent_contacts")).one()
@@ -174,6 +183,93 @@ def test_import_is_idempotent_also_after_a_crash_part_way(db_url, engine, tmp_pa
     assert run("--database-url", db_url, "import", str(prefix), "--batch-size", "2").exit_code == 0
     assert run("--database-url", db_url, "import", str(full), "--batch-size", "2").exit_code == 0
     assert snapshot(engine, ignore=("seq", "_synced_at", "received_at", "_deleted_at")) == once
+
+
+def seq_order_per_row(engine) -> dict[tuple[str, str], list[str]]:
+    """Each row's event ids in ``seq`` order, duplicates never recorded."""
+    order: dict[tuple[str, str], list[str]] = {}
+    with engine.connect() as conn:
+        query = select(events.c.resource, events.c.resource_id, events.c.event_id).order_by(events.c.seq)
+        for resource, resource_id, event_id in conn.execute(query):
+            order.setdefault((resource, resource_id), []).append(event_id)
+    return order
+
+
+def file_order_per_row(documents: list[dict]) -> dict[tuple[str, str], list[str]]:
+    """Each row's event ids in file order, each id at its first line only."""
+    order: dict[tuple[str, str], list[str]] = {}
+    seen = set()
+    for document in documents:
+        if document["id"] not in seen:
+            seen.add(document["id"])
+            key = (document["type"].partition(".")[0], document["payload"]["id"])
+            order.setdefault(key, []).append(document["id"])
+    return order
+
+
+def busy_history(events_per_row: int = 12, rows: int = 8, seed: int = 7) -> list[dict]:
+    """Lines where each of a few rows per resource gets many events, shuffled across rows: creates,
+    updates with rising and falling ``updated_at``, late creates, deletes, and repeated event ids."""
+    rng = random.Random(seed)
+    per_row = []
+    for resource in ("contact", "conversation", "group", "message", "attachment"):
+        for row in range(rows):
+            row_id = f"{resource[:2]}{row}"
+            lines = []
+            for n in range(events_per_row):
+                action = rng.choice(["created", "updated", "updated", "updated", "deleted"] if n else ["created"])
+                payload = {"id": row_id, "updated_at": rng.randint(1, 50), "name": f"v{n}", "username": f"u{n}"}
+                if resource == "group":
+                    payload["contacts"] = [{"id": f"c{k}", "username": f"m{k}"} for k in range(rng.randint(0, 3))]
+                if resource == "message":
+                    payload["reactions"] = [{"wave": [f"r{n}"]}] if n % 2 else []
+                lines.append(envelope(f"{resource}.{action}", payload, f"{row_id}-{n}"))
+            lines.append(dict(lines[rng.randrange(len(lines))]))  # a redelivery
+            per_row.append(lines)
+    # Interleave the rows' streams, each in its own order, as a sender would.
+    documents = []
+    while per_row:
+        stream = rng.choice(per_row)
+        documents.append(stream.pop(0))
+        if not stream:
+            per_row.remove(stream)
+    for minute, document in enumerate(documents):
+        document["received_at"] = (T0 + timedelta(minutes=minute)).isoformat()
+    return documents
+
+
+def test_an_import_in_parallel_gives_what_one_process_gives(db_url, engine, tmp_path):
+    documents = busy_history()
+    path = write_lines(tmp_path / "busy.jsonl", documents)
+    one = run("--database-url", db_url, "import", str(path), "--processes", "1", "--batch-size", "25")
+    assert one.exit_code == 0, one.output
+    alone = snapshot(engine)
+    assert seq_order_per_row(engine) == file_order_per_row(documents)
+
+    empty_tables(engine)
+    many = run("--database-url", db_url, "import", str(path), "--processes", "3", "--batch-size", "25")
+    assert many.exit_code == 0, many.output
+    assert many.stdout == one.stdout  # the same count per outcome
+    assert snapshot(engine) == alone
+    # Each row's events were applied in file order, whichever loader took them.
+    assert seq_order_per_row(engine) == file_order_per_row(documents)
+
+
+def test_one_event_id_on_two_rows_is_recorded_once_when_loaders_race_for_it(db_url, engine, tmp_path):
+    """Coherent never reuses an event id, but a hand-made file may: the loaders of the two rows race
+    for it, the loser finds it recorded and counts it a duplicate, and the import completes."""
+    rows = [f"c{n}" for n in range(40)]
+    loader = {row: loader_of(event_from_document(envelope("contact.created", {"id": row})), 2) for row in rows}
+    first = next(row for row in rows if loader[row] == 0)
+    second = next(row for row in rows if loader[row] == 1)
+    documents = [envelope("contact.created", {"id": row}, f"e-{row}") for row in rows]
+    documents += [envelope("contact.updated", {"id": row}, "twice") for row in (first, second)]
+    path = write_lines(tmp_path / "twice.jsonl", documents)
+    result = run("--database-url", db_url, "import", str(path), "--processes", "2")
+    assert result.exit_code == 0, result.output
+    assert "applied 41, duplicate 1" in result.stdout
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).where(events.c.event_id == "twice")) == 1
 
 
 def test_import_reports_bad_lines_by_number_and_imports_nothing_unless_told(db_url, engine, tmp_path):
@@ -219,18 +315,69 @@ _LINE_KINDS = {
     last_newline=st.booleans(),
     processes=st.integers(1, 5),
     part_bytes=st.integers(1, 400),
+    loaders=st.integers(1, 4),
 )
 def test_checking_a_file_in_parallel_parts_finds_what_reading_it_line_by_line_does(
-    tmp_path, kinds, last_newline, processes, part_bytes
+    tmp_path, kinds, last_newline, processes, part_bytes, loaders
 ):
     text = "".join(_LINE_KINDS[kind] for kind in kinds)
     path = tmp_path / "lines.jsonl"
     path.write_text(text if last_newline else text.removesuffix("\n"))
-    check = check_file(path, keep=5, part_bytes=part_bytes, processes=processes)
+    check = check_file(path, keep=5, part_bytes=part_bytes, processes=processes, loaders=loaders)
     lines = list(read_lines(path))
     bad = [(line.number, line.problem) for line in lines if line.problem is not None]
     assert (check.lines, check.bad) == (len(lines), len(bad))
     assert [(line.number, line.problem) for line in check.first_bad] == bad[:5]
+    # The plan has a byte per line of the file: blank and bad lines go to no loader.
+    plan = [SKIP] * len(path.read_bytes().splitlines())
+    for line in lines:
+        if line.event is not None:
+            plan[line.number - 1] = loader_of(line.event, loaders)
+    assert list(check.plan) == plan
+    for loader in range(loaders):
+        numbers = [line.number for line in planned_lines(path, check.plan, loader)]
+        assert numbers == [number for number, taker in enumerate(plan, start=1) if taker == loader]
+
+
+def test_a_file_that_changes_after_its_check_stops_the_load(tmp_path):
+    documents = history()
+    path = write_lines(tmp_path / "h.jsonl", documents)
+    plan = check_file(path).plan
+    assert [line.event.event_id for line in planned_lines(path, plan, 0)] == [d["id"] for d in documents]
+    for changed in (documents[:-1], [*documents, documents[0]], [*documents[:3], {"id": "x"}, *documents[4:]]):
+        write_lines(path, changed)
+        with pytest.raises(FileChanged, match="changed while it was imported"):
+            list(planned_lines(path, plan, 0))
+
+
+@pytest.mark.parametrize("db_url", ["postgresql", "mariadb"], indirect=True)
+def test_a_loader_that_fails_stops_the_import_and_a_rerun_completes_it(db_url, engine, tmp_path):
+    """One loader meets a row locked elsewhere for longer than it may wait: the import exits 3, and
+    once the lock is gone a rerun gives the tables of one clean import."""
+    documents = busy_history()
+    documents.insert(len(documents) // 2, received("contact.updated", {"id": "held", "username": "late"}, "held-2", 0))
+    path = write_lines(tmp_path / "busy.jsonl", documents)
+    store = EventStore(engine)
+    held = envelope("contact.created", {"id": "held", "username": "early"}, "held-1")
+    store.record(event_from_document(held), T0)
+    assert run("--database-url", db_url, "import", str(path), "--processes", "1").exit_code == 0
+    clean = snapshot(engine)
+
+    empty_tables(engine)
+    store.record(event_from_document(held), T0)
+    with engine.connect() as conn, conn.begin():
+        conn.execute(text("SELECT id FROM coherent_contacts WHERE id = 'held' FOR UPDATE")).all()
+        failed = run(
+            "--database-url", db_url, "import", str(path), "--processes", "2", "--batch-size", "20",
+            CONNECTOR_LOCK_TIMEOUT_MS="300",
+        )  # fmt: skip
+    assert failed.exit_code == 3 and "the database is unavailable" in failed.stderr, failed.output
+    assert "Traceback" not in failed.output
+    assert snapshot(engine) != clean
+
+    rerun = run("--database-url", db_url, "import", str(path))
+    assert rerun.exit_code == 0, rerun.output
+    assert snapshot(engine) == clean
 
 
 def test_import_refuses_a_pipe_with_a_usage_error(tmp_path):
@@ -266,15 +413,17 @@ def test_export_then_import_into_an_empty_database_gives_identical_tables(db_url
     result = run("--database-url", db_url, "export", "-o", str(exported))
     assert result.exit_code == 0 and "exported 12 events" in result.stderr
     lines = [json.loads(line) for line in exported.read_text().splitlines()]
-    assert [line["id"] for line in lines] == [event_id for event_id, _ in EXPECTED_OUTCOMES]
+    assert sorted(line["id"] for line in lines) == [event_id for event_id, _ in EXPECTED_OUTCOMES]
+    assert seq_order_per_row(engine) == file_order_per_row(history())
     assert lines[7]["received_at"] == (T0 + timedelta(minutes=7)).isoformat()
 
     empty_tables(engine)
-    result = run("--database-url", db_url, "import", str(exported))
+    result = run("--database-url", db_url, "import", str(exported), "--processes", "3")
     assert result.exit_code == 0, result.output
     # seq is numbered afresh by the target and _synced_at is when the import wrote the row; all else,
-    # received_at and _deleted_at included, comes back as it was.
+    # received_at and _deleted_at included, comes back as it was, and each row's events in order.
     assert snapshot(engine) == before
+    assert seq_order_per_row(engine) == file_order_per_row(history())
 
 
 def test_export_since_writes_only_the_later_slice_to_stdout(db_url, tmp_path):

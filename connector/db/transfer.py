@@ -11,16 +11,24 @@ rules and writes the same change-log row as a live delivery, and an event id alr
 duplicate that writes nothing. That makes an import idempotent: every batch commits whole or not at
 all, so rerunning a file, or running it again after a crash, skips what was already committed and
 applies the rest.
+
+A file is loaded by several processes at once on a server database. The check that reads every line
+first also assigns each line to a loader by its resource id, so all events of one row go to one
+loader and are applied in file order; only rows, and their ``seq`` order, are interleaved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+import multiprocessing
 import os
+import queue
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,10 +36,12 @@ from typing import Any, TextIO
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError
 
+from connector.config import Config
+from connector.db.engine import create_engine_for, normalize_url
 from connector.db.schema import events
 from connector.db.store import EventStore
 from connector.db.types import json_dumps
-from connector.errors import DatabaseUnavailable, InvalidEnvelope
+from connector.errors import DatabaseUnavailable, FileChanged, InvalidEnvelope
 from connector.events import Event, decode_json, event_from_document
 
 RECEIVED_AT = "received_at"
@@ -81,16 +91,28 @@ def read_lines(path: Path) -> Iterator[Line]:
                 yield parse_line(number, text)
 
 
+# In a load plan, a line no loader takes: a blank or bad one.
+SKIP = 255
+MAX_LOADERS = SKIP - 1
+
+
+def loader_of(event: Event, loaders: int) -> int:
+    """Which of ``loaders`` processes loads ``event``: one resource id's events all go to the same one."""
+    return zlib.crc32(event.resource_id.encode()) % loaders
+
+
 @dataclasses.dataclass
 class Check:
-    """What checking a file found: how many non-blank lines it has, and its bad ones."""
+    """What checking a file found: how many non-blank lines it has, its bad ones, and its load plan."""
 
     lines: int = 0
     bad: int = 0
     first_bad: list[Line] = dataclasses.field(default_factory=list)  # up to ``keep``, in file order
+    # One byte per line of the file, blank ones included: the loader that takes it, or SKIP.
+    plan: bytearray = dataclasses.field(default_factory=bytearray)
 
 
-def _check_range(path: Path, start: int, end: int, keep: int) -> tuple[int, Check]:
+def _check_range(path: Path, start: int, end: int, keep: int, loaders: int) -> tuple[int, Check]:
     """Check the lines that begin in bytes ``[start, end)`` of ``path`` (``start`` begins a line).
 
     Returns how many lines the range holds, blank ones included, and what checking found, with line
@@ -104,13 +126,18 @@ def _check_range(path: Path, start: int, end: int, keep: int) -> tuple[int, Chec
         while position < end and (text := fh.readline()):
             position += len(text)
             number += 1
-            if text.strip():
-                check.lines += 1
-                line = parse_line(number, text)
-                if line.problem is not None:
-                    check.bad += 1
-                    if len(check.first_bad) < keep:
-                        check.first_bad.append(line)
+            if not text.strip():
+                check.plan.append(SKIP)
+                continue
+            check.lines += 1
+            line = parse_line(number, text)
+            if line.event is None:
+                check.plan.append(SKIP)
+                check.bad += 1
+                if len(check.first_bad) < keep:
+                    check.first_bad.append(line)
+            else:
+                check.plan.append(loader_of(line.event, loaders))
     return number, check
 
 
@@ -135,25 +162,40 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# Loaders and checkers are forked where the platform can: they start at once, with this process's
+# modules already imported, and each opens its own connections.
+_FORK = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+
+
 # A file is checked in parallel parts of at least this many bytes each (about 30,000 events).
 _PART_BYTES = 8 << 20
 
 
-def check_file(path: Path, *, keep: int = 20, part_bytes: int = _PART_BYTES, processes: int | None = None) -> Check:
+def check_file(
+    path: Path,
+    *,
+    keep: int = 20,
+    part_bytes: int = _PART_BYTES,
+    processes: int | None = None,
+    loaders: int = 1,
+) -> Check:
     """Check every line of ``path`` as :func:`read_lines` parses it, in ``processes`` processes at once
-    (default: one per core), each taking a part of at least ``part_bytes``.
+    (default: one per core), each taking a part of at least ``part_bytes``, and plan its load by
+    ``loaders`` processes.
 
     Keeps the first ``keep`` bad lines, with their line numbers in the file.
     """
+    if not 1 <= loaders <= MAX_LOADERS:
+        raise ValueError(f"loaders must be from 1 to {MAX_LOADERS}")
     processes = processes or _cores()
     path = path.resolve()  # a process pool's workers may not share this one's working directory
     parts = max(1, min(processes, path.stat().st_size // part_bytes))
     starts = _line_starts(path, parts)
-    ranges = [(path, start, end, keep) for start, end in itertools.pairwise(starts)]
+    ranges = [(path, start, end, keep, loaders) for start, end in itertools.pairwise(starts)]
     if parts == 1:
         results = [_check_range(*ranges[0])]
     else:
-        with ProcessPoolExecutor(max_workers=parts) as pool:
+        with ProcessPoolExecutor(max_workers=parts, mp_context=_FORK) as pool:
             results = list(pool.map(_check_range, *zip(*ranges, strict=True)))
     check, offset = Check(), 0
     for count, part in results:
@@ -161,6 +203,7 @@ def check_file(path: Path, *, keep: int = 20, part_bytes: int = _PART_BYTES, pro
         check.bad += part.bad
         room = keep - len(check.first_bad)
         check.first_bad += [dataclasses.replace(line, number=line.number + offset) for line in part.first_bad[:room]]
+        check.plan += part.plan
         offset += count
     return check
 
@@ -171,12 +214,14 @@ def import_lines(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_batch: Callable[[int], None] = lambda size: None,
+    into: Counter[str] | None = None,
 ) -> Counter[str]:
-    """Record the good lines in batches of ``batch_size``, in file order; return the count per outcome.
+    """Record the good lines in batches of ``batch_size``, in file order; return the count per outcome
+    (added to ``into`` as each batch commits, where given).
 
     Bad lines are left out; the caller decides beforehand whether any may be.
     """
-    outcomes: Counter[str] = Counter()
+    outcomes: Counter[str] = Counter() if into is None else into
     batch: list[Line] = []
 
     def flush() -> None:
@@ -192,6 +237,114 @@ def import_lines(
             flush()
     if batch:
         flush()
+    return outcomes
+
+
+def planned_lines(path: Path, plan: bytes, loader: int) -> Iterator[Line]:
+    """The lines of ``path`` that ``plan`` gives to ``loader``, in file order.
+
+    Raises :class:`FileChanged` if the file no longer holds what checking it found.
+    """
+    number = 0
+    with path.open("rb") as fh:
+        for number, text in enumerate(fh, start=1):
+            if number > len(plan):
+                break
+            if plan[number - 1] == loader:
+                line = parse_line(number, text)
+                if line.event is None:
+                    break
+                yield line
+        else:
+            if number == len(plan):
+                return
+    raise FileChanged(f"{path} changed while it was imported (at line {number}): rerun the import")
+
+
+class _Stopped(Exception):
+    """Another loader failed: this one stops after the batches it has committed."""
+
+
+# Set in each loader process by _start_loader: where it reports progress, and the signal to stop.
+_progress: Any = None
+_stop: Any = None
+
+
+def _start_loader(progress: Any, stop: Any) -> None:
+    global _progress, _stop  # one process's own channel to its parent
+    _progress, _stop = progress, stop
+
+
+def _report(size: int) -> None:
+    _progress.put(size)
+    if _stop.is_set():
+        raise _Stopped
+
+
+def _load(
+    config: Config, path: Path, plan: bytes, loader: int, batch_size: int, on_batch: Callable[[int], None]
+) -> Counter[str]:
+    """Load ``loader``'s lines of ``path`` through a store of its own."""
+    store = EventStore(create_engine_for(config), retry_attempts=config.retry_attempts)
+    outcomes: Counter[str] = Counter()
+    try:
+        import_lines(store, planned_lines(path, plan, loader), batch_size=batch_size, on_batch=on_batch, into=outcomes)
+    except _Stopped:
+        pass
+    finally:
+        store.engine.dispose()
+    return outcomes
+
+
+def loaders_for(config: Config, requested: int | None = None) -> int:
+    """How many processes load a file: ``requested``, or one per core; on SQLite, whose writers take
+    turns at one lock, always one."""
+    if normalize_url(config.database_url).get_backend_name() == "sqlite":
+        return 1
+    return max(1, min(requested or _cores(), MAX_LOADERS))
+
+
+def import_file(
+    config: Config,
+    path: Path,
+    check: Check,
+    loaders: int,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_batch: Callable[[int], None] = lambda size: None,
+) -> Counter[str]:
+    """Load the good lines of ``path`` by ``loaders`` processes, as ``check.plan`` (made by
+    :func:`check_file` for as many loaders) assigns them; return the count per outcome.
+
+    If a loader fails, the others stop after their current batch and the failure is raised: what was
+    committed stays, and a rerun completes it.
+    """
+    if loaders == 1:
+        return _load(config, path, check.plan, 0, batch_size, on_batch)
+    context = _FORK or multiprocessing.get_context()
+    progress, stop = context.Queue(), context.Event()
+    outcomes: Counter[str] = Counter()
+    reported = 0
+    with ProcessPoolExecutor(loaders, mp_context=_FORK, initializer=_start_loader, initargs=(progress, stop)) as pool:
+        futures = [pool.submit(_load, config, path, check.plan, n, batch_size, _report) for n in range(loaders)]
+        try:
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.1, return_when=FIRST_EXCEPTION)
+                if any(future.exception() for future in done):
+                    stop.set()
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        size = progress.get_nowait()
+                        reported += size
+                        on_batch(size)
+        finally:
+            stop.set()
+        for future in futures:
+            outcomes.update(future.result())
+    loaded = sum(outcomes.values())
+    if loaded > reported:  # the last reports may still be in the queue's pipe
+        on_batch(loaded - reported)
     return outcomes
 
 
