@@ -22,8 +22,20 @@ Sequence = BigInteger().with_variant(Integer(), "sqlite")
 
 # ASCII-only JSON: \u0000 and lone surrogates stay escapes, which every database accepts in a JSON
 # or text column, so any document a sender signs can be stored exactly.
-# One encoder, built once: ``json.dumps`` with options builds a new one for every call.
-json_dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode
+_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False, check_circular=False)
+# The C encoder that ``_ENCODER.encode`` builds afresh for every call, built once (where Python has it).
+# Documents parsed from JSON cannot refer to themselves, so there is no check for cycles.
+_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+_C_ENCODER = _make_encoder and _make_encoder(
+    None, _ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False
+)
+
+
+def json_dumps(value: Any) -> str:
+    """``value`` as compact, ASCII-only JSON; NaN and infinities are refused (ValueError)."""
+    if _C_ENCODER is None:
+        return _ENCODER.encode(value)
+    return "".join(_C_ENCODER(value, 0))
 
 
 class JSONText(TypeDecorator[Any]):
