@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -77,17 +78,22 @@ def json_columns(table: Table) -> frozenset[str]:
 def _copy(conn: Connection, target: str, table: Table, names: list[str], rows: Sequence[dict[str, Any]]) -> None:
     """PostgreSQL: COPY ``rows`` (the columns ``names`` of ``table``) into ``target``, numbering them."""
     columns = ", ".join(f'"{name}"' for name in names)
-    is_json = [name in json_columns(table) for name in names]
+    values_of = operator.itemgetter(*names)
+    # The engine's JSON serializer is bypassed here, so serialize as it would.
+    documents = [index for index, name in enumerate(names) if name in json_columns(table)]
     numbered = target != table.name
     statement = f"COPY {target} ({columns}{', stage_order' if numbered else ''}) FROM STDIN"
     with driver_errors(conn, statement):
         cursor = conn.connection.driver_connection.cursor()
         with cursor, cursor.copy(statement) as copy:
             for order, row in enumerate(rows):
-                values = [row[name] for name in names]
-                # The engine's JSON serializer is bypassed here, so serialize as it would.
-                values = [json_dumps(v) if j and v is not None else v for v, j in zip(values, is_json, strict=True)]
-                copy.write_row([*values, order] if numbered else values)
+                values = list(values_of(row)) if len(names) > 1 else [values_of(row)]
+                for index in documents:
+                    if values[index] is not None:
+                        values[index] = json_dumps(values[index])
+                if numbered:
+                    values.append(order)
+                copy.write_row(values)
 
 
 @contextlib.contextmanager
