@@ -187,7 +187,7 @@ _MAX_BAD_LINES_SHOWN = 20
 @click.option(
     "--batch-size",
     type=click.IntRange(1, 10_000),
-    default=5000,
+    default=10_000,
     show_default=True,
     help="Events per transaction.",
 )

@@ -1,5 +1,6 @@
 """The ``connector`` command: help, exit codes, check, import, export, send, and migrate from a wheel."""
 
+import gc
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from connector.cli import cli
 from connector.db.migrate import head_revision
 from connector.db.schema import events, metadata
 from connector.db.store import EventStore
-from connector.db.transfer import SKIP, check_file, loader_of, planned_lines, read_lines
+from connector.db.transfer import SKIP, check_file, fewer_collections, loader_of, planned_lines, read_lines
 from connector.errors import FileChanged
 from connector.events import event_from_document
 from tests.conftest import SECRET, Gunicorn, empty_tables, envelope, free_port
@@ -337,6 +338,17 @@ def test_checking_a_file_in_parallel_parts_finds_what_reading_it_line_by_line_do
     for loader in range(loaders):
         numbers = [line.number for line in planned_lines(path, check.plan, loader)]
         assert numbers == [number for number, taker in enumerate(plan, start=1) if taker == loader]
+
+
+def test_bulk_work_leaves_the_callers_garbage_collector_as_it_found_it(db_url, tmp_path):
+    """An import on SQLite runs in the calling process: its collector settings must come back."""
+    before = gc.get_threshold()
+    with fewer_collections():
+        assert gc.get_threshold() != before and gc.get_freeze_count() > 0
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    result = run("--database-url", db_url, "import", str(write_lines(tmp_path / "h.jsonl", history())))
+    assert result.exit_code == 0
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
 
 
 def test_a_file_that_changes_after_its_check_stops_the_load(tmp_path):
