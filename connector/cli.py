@@ -11,6 +11,7 @@ Exit codes, the same for every command, for scripts to rely on:
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import urllib.error
@@ -89,6 +90,7 @@ def serve(obj: _Context, bind: str | None, workers: int | None, threads: int | N
         config.require_secrets()
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
+    gc.set_threshold(*_GC_THRESHOLD)
     run_gunicorn(config)
 
 
@@ -346,8 +348,16 @@ def rebuild(obj: _Context, batch_size: int, progress: bool) -> None:
         )
 
 
+# Python's default: a collection every 700 new objects.
+_GC_THRESHOLD = gc.get_threshold()
+
+
 def main() -> None:
     """Console-script entry point."""
+    # Every command but serve is a one-off job that allocates much and keeps little (imports, then a
+    # batch load): collecting every 700 new objects cost about 10% of starting up. Serve puts the
+    # default back for its workers, where the larger heap between collections measured slower.
+    gc.set_threshold(50_000, 20, 100)
     try:
         cli.main(standalone_mode=True)
     except ConnectorError as exc:
