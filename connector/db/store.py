@@ -132,17 +132,18 @@ def _delete_children(resource: str, dialect: str) -> Delete:
     return delete(child).where(_ids(child.c[parent_key], dialect))
 
 
-def _in_chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
-    """``ids`` in slices short enough for one ``IN (...)`` list."""
-    for start in range(0, len(ids), _ID_CHUNK):
-        yield ids[start : start + _ID_CHUNK]
+def _in_chunks(ids: Sequence[str], dialect: str) -> Iterator[Sequence[str]]:
+    """``ids`` in slices short enough for one ``IN (...)`` list; PostgreSQL takes them all as one array."""
+    size = max(1, len(ids)) if dialect == "postgresql" else _ID_CHUNK
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
 
 
 def _load_states(conn: Connection, resource: str, ids: Sequence[str]) -> dict[str, RowState]:
     """Lock and read the rows for ``ids`` (sorted and distinct, as :func:`ids_to_lock` gives them), in
     that order, so that concurrent writers lock alike."""
     states: dict[str, RowState] = {}
-    for chunk in _in_chunks(ids):
+    for chunk in _in_chunks(ids, conn.dialect.name):
         for row in conn.execute(_lock_query(resource, conn.dialect.name), {"ids": chunk}).mappings():
             states[row["id"]] = RowState(row["_raw"], row["_last_action"], row["_event_id"], row["_deleted_at"])
     return states
@@ -154,7 +155,7 @@ def _write_states(conn: Connection, resource: str, writes: StateWrites, portable
     # These rows are locked by this transaction, so overwriting them is safe.
     dialects.upsert(conn, table, writes.existing, portable=portable)
     if resource in child_tables:
-        for chunk in _in_chunks(writes.clear_children_of):
+        for chunk in _in_chunks(writes.clear_children_of, conn.dialect.name):
             conn.execute(_delete_children(resource, conn.dialect.name), {"ids": chunk})
         dialects.insert_rows(conn, child_tables[resource][0], writes.children, portable=portable)
 
@@ -186,7 +187,7 @@ def record_events(
     is a ``duplicate`` and writes nothing.
     """
     seen: set[str] = set()
-    for chunk in _in_chunks([event.event_id for event, _ in deliveries]):
+    for chunk in _in_chunks([event.event_id for event, _ in deliveries], conn.dialect.name):
         seen.update(conn.scalars(_seen_query(conn.dialect.name), {"ids": chunk}))
     fresh = fresh_deliveries(deliveries, seen)
     outcomes = apply_events(conn, fresh, portable=portable)
