@@ -21,6 +21,10 @@ from connector.resources import ACTIONS, MAX_ID_LENGTH, RESOURCES
 # digits anyway; no Coherent field needs more than a 64-bit integer.
 MAX_INTEGER_DIGITS = 100
 MAX_TYPE_LENGTH = 100
+# Objects and arrays nested deeper than this are refused. Without a fixed limit, what parses depends
+# on how deep the parser's own stack already is: a document near Python's recursion limit parsed in
+# one place and failed in another (or when it was serialised again to be stored).
+MAX_NESTING = 100
 
 _TYPE_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_.-]+")
 # Control characters and lone surrogates have no place in an identifier.
@@ -88,18 +92,37 @@ _DECODER = json.JSONDecoder(
 )
 
 
+_NESTED_TOO_DEEPLY = f"the JSON body is nested too deeply (more than {MAX_NESTING} levels)"
+
+
+def _too_deep(document: Any) -> bool:
+    """Whether ``document`` nests objects and arrays more than MAX_NESTING levels deep."""
+    stack = [(document, 1)] if isinstance(document, dict | list) else []
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_NESTING:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 def decode_json(body: bytes) -> Any:
-    """Decode a strict JSON document: UTF-8, no duplicate keys, no NaN, no huge numbers."""
+    """Decode a strict JSON document: UTF-8, no duplicate keys, no NaN, no huge numbers, at most
+    MAX_NESTING levels deep."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidEnvelope(f"the body is not valid UTF-8 (byte {exc.start})") from exc
     try:
-        return _DECODER.decode(text)
+        document = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise InvalidEnvelope(f"the body is not valid JSON: {exc.msg} at character {exc.pos}") from exc
     except RecursionError as exc:
-        raise InvalidEnvelope("the JSON body is nested too deeply") from exc
+        raise InvalidEnvelope(_NESTED_TOO_DEEPLY) from exc
+    if _too_deep(document):
+        raise InvalidEnvelope(_NESTED_TOO_DEEPLY)
+    return document
 
 
 def _identifier(value: Any, what: str) -> str:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 import pytest
 
 from connector.errors import InvalidEnvelope
-from connector.events import Event, Outcome, RowState, apply_event, parse_event
+from connector.events import MAX_NESTING, Event, Outcome, RowState, apply_event, parse_event
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -65,6 +65,23 @@ class TestParseEvent:
     def test_malformed_envelopes_name_the_problem(self, raw, message):
         with pytest.raises(InvalidEnvelope, match=message):
             parse_event(raw)
+
+    @pytest.mark.parametrize(("opening", "closing"), [(b"[", b"]"), (b'{"k":', b"}")])
+    def test_nesting_is_refused_beyond_a_fixed_depth_at_any_stack_depth(self, opening, closing):
+        def nested(levels: int) -> bytes:  # levels counts the envelope and the payload
+            value = opening * (levels - 2) + b"1" + closing * (levels - 2)
+            return b'{"id": "e", "type": "contact.created", "payload": {"id": "x", "v": ' + value + b"}}"
+
+        assert parse_event(nested(MAX_NESTING)).payload["v"] is not None
+        for levels in (MAX_NESTING + 1, 950, 990):
+            with pytest.raises(InvalidEnvelope, match=f"more than {MAX_NESTING} levels"):
+                parse_event(nested(levels))
+
+        def deep_in_the_stack(depth: int) -> object:
+            return parse_event(nested(MAX_NESTING)) if depth == 0 else deep_in_the_stack(depth - 1)
+
+        # What parses does not depend on how much of the stack the caller has used.
+        assert deep_in_the_stack(500).payload["id"] == "x"
 
 
 class TestOrderingRules:

@@ -188,6 +188,9 @@ BODY_CASES = {
     "a JSON array": b'[{"id": "e1", "type": "contact.created", "payload": {"id": "c"}}]',
     "a JSON string": b'"contact.created"',
     "nested 100,000 levels deep": _nested(100_000),
+    # Near Python's recursion limit: parsed at one stack depth and not at another, before the limit.
+    "nested 980 levels deep": _nested(980),
+    "nested 101 levels deep": _nested(99),  # the envelope and the payload are two of them
     "a 5,000-digit integer": b'{"id": "e1", "type": "contact.created", "payload": {"id": "c", "n": '
     + b"9" * 5000
     + b"}}",
