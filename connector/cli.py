@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import click
 
 from connector.config import Config, load_config
-from connector.errors import ConfigError, ConnectorError, DatabaseUnavailable
+from connector.errors import ConfigError, ConnectorError, DatabaseUnavailable, ImportFailed
 from connector.signing import SIGNATURE_HEADER, sign
 
 if TYPE_CHECKING:
@@ -194,8 +194,8 @@ _MAX_BAD_LINES_SHOWN = 20
 @click.option(
     "--processes",
     type=click.IntRange(1, 254),
-    help="Processes loading at once, each taking a share of the resource ids (default: one per core; "
-    "on SQLite always 1).",
+    help="Processes loading at once, each taking a share of the resource ids (default: one per core, "
+    "up to 8; on SQLite always 1).",
 )
 @click.pass_obj
 def import_(obj: _Context, file: Path, batch_size: int, skip_bad: bool, processes: int | None) -> None:
@@ -218,7 +218,10 @@ def import_(obj: _Context, file: Path, batch_size: int, skip_bad: bool, processe
         )
     config = obj.config()
     loaders = loaders_for(config, processes)
-    check = check_file(file, keep=_MAX_BAD_LINES_SHOWN, loaders=loaders)
+    try:
+        check = check_file(file, keep=_MAX_BAD_LINES_SHOWN, loaders=loaders)
+    except ImportFailed as exc:
+        raise _Problem(str(exc)) from exc
     lines, bad = check.lines, check.bad
     for line in check.first_bad:
         click.echo(f"{file}:{line.number}: {line.problem}", err=True)
@@ -229,8 +232,11 @@ def import_(obj: _Context, file: Path, batch_size: int, skip_bad: bool, processe
         raise click.exceptions.Exit(EXIT_PROBLEM)
 
     _ready_store(config).engine.dispose()  # each loader opens its own connections
-    with tqdm(total=lines - bad, unit="event", disable=None, file=sys.stderr) as progress:
-        outcomes = import_file(config, file, check, loaders, batch_size=batch_size, on_batch=progress.update)
+    try:
+        with tqdm(total=lines - bad, unit="event", disable=None, file=sys.stderr) as progress:
+            outcomes = import_file(config, file, check, loaders, batch_size=batch_size, on_batch=progress.update)
+    except ImportFailed as exc:
+        raise _Problem(str(exc)) from exc
     summary = ", ".join(f"{outcome} {count}" for outcome, count in sorted(outcomes.items())) or "no events"
     click.echo(f"imported {lines - bad} events from {file}: {summary}" + (f"; skipped {bad} bad lines" if bad else ""))
     if bad:

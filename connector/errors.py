@@ -14,7 +14,12 @@ class ConfigError(ConnectorError):
     """The configuration is missing something or holds an invalid value."""
 
 
-class FileChanged(ConnectorError):
+class ImportFailed(ConnectorError):
+    """An import stopped part-way: a loading process failed or died. What was committed stays, and
+    rerunning the import completes it."""
+
+
+class FileChanged(ImportFailed):
     """A file being imported no longer holds what checking it found."""
 
 

@@ -3,10 +3,13 @@
 import gc
 import json
 import os
+import pickle
 import random
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import zipfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,10 +24,18 @@ from connector.cli import cli
 from connector.db.migrate import head_revision
 from connector.db.schema import events, metadata
 from connector.db.store import EventStore
-from connector.db.transfer import SKIP, check_file, fewer_collections, loader_of, planned_lines, read_lines
-from connector.errors import FileChanged
+from connector.db.transfer import (
+    SKIP,
+    _load_apart,
+    check_file,
+    fewer_collections,
+    loader_of,
+    planned_lines,
+    read_lines,
+)
+from connector.errors import FileChanged, ImportFailed
 from connector.events import event_from_document
-from tests.conftest import SECRET, Gunicorn, empty_tables, envelope, free_port
+from tests.conftest import SECRET, Gunicorn, empty_tables, envelope, free_port, make_config
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = ROOT / "examples"
@@ -336,7 +347,7 @@ def test_checking_a_file_in_parallel_parts_finds_what_reading_it_line_by_line_do
             plan[line.number - 1] = loader_of(line.event, loaders)
     assert list(check.plan) == plan
     for loader in range(loaders):
-        numbers = [line.number for line in planned_lines(path, check.plan, loader)]
+        numbers = [line.number for line in planned_lines(path, check.plan, loader, loaders)]
         assert numbers == [number for number, taker in enumerate(plan, start=1) if taker == loader]
 
 
@@ -349,17 +360,115 @@ def test_bulk_work_leaves_the_callers_garbage_collector_as_it_found_it(db_url, t
     result = run("--database-url", db_url, "import", str(write_lines(tmp_path / "h.jsonl", history())))
     assert result.exit_code == 0
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    gc.freeze()  # a caller's own freeze is left alone
+    try:
+        frozen = gc.get_freeze_count()
+        with fewer_collections():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_a_file_that_changes_after_its_check_stops_the_load(tmp_path):
     documents = history()
     path = write_lines(tmp_path / "h.jsonl", documents)
     plan = check_file(path).plan
-    assert [line.event.event_id for line in planned_lines(path, plan, 0)] == [d["id"] for d in documents]
+    assert [line.event.event_id for line in planned_lines(path, plan, 0, 1)] == [d["id"] for d in documents]
     for changed in (documents[:-1], [*documents, documents[0]], [*documents[:3], {"id": "x"}, *documents[4:]]):
         write_lines(path, changed)
         with pytest.raises(FileChanged, match="changed while it was imported"):
-            list(planned_lines(path, plan, 0))
+            list(planned_lines(path, plan, 0, 1))
+
+
+def test_a_line_moved_to_another_loaders_row_since_the_check_stops_the_load(tmp_path):
+    """The loader of a row must see all its events: a line that now names a row of another loader
+    would be applied out of order with that row's other events."""
+    rows = [f"c{n}" for n in range(20)]
+    loader = {row: loader_of(event_from_document(envelope("contact.created", {"id": row})), 2) for row in rows}
+    mine, other = next(r for r in rows if loader[r] == 0), next(r for r in rows if loader[r] == 1)
+    path = write_lines(tmp_path / "m.jsonl", [envelope("contact.created", {"id": mine}, "e1")])
+    plan = check_file(path, loaders=2).plan
+    write_lines(path, [envelope("contact.created", {"id": other}, "e1")])
+    with pytest.raises(FileChanged, match="at line 1"):
+        list(planned_lines(path, plan, 0, 2))
+
+
+def test_a_loaders_unexpected_error_reaches_the_import_by_name(tmp_path):
+    """A loader's error travels back pickled; one that cannot be (a driver's, say) must not turn
+    into a misleading 'process pool broken'. Here, the file vanished before the loader opened it."""
+    config = make_config(f"sqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(ImportFailed, match="a loader failed: FileNotFoundError") as caught:
+        _load_apart(config, tmp_path / "gone.jsonl", b"\x00", 0, 1, 10, lambda size: None)
+    assert pickle.loads(pickle.dumps(caught.value)).args == caught.value.args  # noqa: S301 - our own bytes
+
+
+def _import_in_a_subprocess(db_url: str, path: Path, output: int = subprocess.PIPE) -> subprocess.Popen:
+    command = [sys.executable, "-m", "connector.cli", "--database-url", db_url, "import", str(path)]
+    command += ["--processes", "2", "--batch-size", "20"]
+    environ = {name: value for name, value in os.environ.items() if not name.startswith("CONNECTOR_")}
+    return subprocess.Popen(command, env=environ, stdout=output, stderr=output, text=True)
+
+
+def _children(pid: int) -> list[int]:
+    found = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in found.read_text().split()] if found.exists() else []
+
+
+def _loaders_writing(process: subprocess.Popen, engine) -> list[int]:
+    """The import's loader processes, once both exist and events are being committed."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and process.poll() is None:
+        loaders = _children(process.pid)
+        with engine.connect() as conn:
+            if len(loaders) == 2 and conn.scalar(select(func.count()).select_from(events)) > 0:
+                return loaders
+        time.sleep(0.02)
+    raise AssertionError(f"no loaders writing; the import exited {process.poll()}")
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_loader_killed_mid_import_gives_a_clear_error_and_a_rerun_completes_it(db_url, engine, tmp_path):
+    """As the out-of-memory killer would: exit 1 with what happened and what to do, no traceback."""
+    path = write_lines(tmp_path / "busy.jsonl", busy_history(rows=60))
+    assert run("--database-url", db_url, "import", str(path), "--processes", "1").exit_code == 0
+    clean = snapshot(engine)
+    empty_tables(engine)
+
+    process = _import_in_a_subprocess(db_url, path)
+    os.kill(_loaders_writing(process, engine)[0], signal.SIGKILL)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1, err
+    assert "ended without finishing" in err and "rerun the import" in err and "Traceback" not in err
+    assert snapshot(engine) != clean
+
+    assert run("--database-url", db_url, "import", str(path)).exit_code == 0
+    assert snapshot(engine) == clean
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_loaders_end_with_the_import_that_started_them(db_url, engine, tmp_path):
+    """Killing the import's process must not leave loaders writing unseen, or waiting for ever."""
+    path = write_lines(tmp_path / "busy.jsonl", busy_history(rows=60))
+    process = _import_in_a_subprocess(db_url, path, output=subprocess.DEVNULL)
+    loaders = _loaders_writing(process, engine)
+    process.kill()
+    process.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    alive = loaders
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [pid for pid in loaders if _state(pid) not in ("gone", "Z")]
+    for pid in alive:  # do not leave them behind if the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not alive
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return "gone"
 
 
 @pytest.mark.parametrize("db_url", ["postgresql", "mariadb"], indirect=True)

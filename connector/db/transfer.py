@@ -20,16 +20,20 @@ loader and are applied in file order; only rows, and their ``seq`` order, are in
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import itertools
 import multiprocessing
 import os
 import queue
+import signal
+import sys
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,7 +46,7 @@ from connector.db.engine import create_engine_for, normalize_url
 from connector.db.schema import events
 from connector.db.store import EventStore
 from connector.db.types import json_dumps
-from connector.errors import DatabaseUnavailable, FileChanged, InvalidEnvelope
+from connector.errors import ConnectorError, DatabaseUnavailable, FileChanged, ImportFailed, InvalidEnvelope
 from connector.events import Event, decode_json, event_from_document
 
 RECEIVED_AT = "received_at"
@@ -121,14 +125,16 @@ def fewer_collections() -> Iterator[None]:
     new objects, kept walking them and every module's objects: 15-20% of an import's CPU. Parsed JSON
     holds no cycles, so reference counting frees it all the same.
     """
-    threshold = gc.get_threshold()
-    gc.freeze()
+    threshold, frozen_already = gc.get_threshold(), gc.get_freeze_count() > 0
+    if not frozen_already:
+        gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     try:
         yield
     finally:
         gc.set_threshold(*threshold)
-        gc.unfreeze()
+        if not frozen_already:  # a caller's own freeze is theirs to undo
+            gc.unfreeze()
 
 
 def _check_range(path: Path, start: int, end: int, keep: int, loaders: int) -> tuple[int, Check]:
@@ -214,8 +220,13 @@ def check_file(
     if parts == 1:
         results = [_check_range(*ranges[0])]
     else:
-        with ProcessPoolExecutor(max_workers=parts, mp_context=_FORK) as pool:
-            results = list(pool.map(_check_range, *zip(*ranges, strict=True)))
+        try:
+            with ProcessPoolExecutor(
+                parts, mp_context=_FORK, initializer=_die_with_parent, initargs=(os.getpid(),)
+            ) as pool:
+                results = list(pool.map(_check_range, *zip(*ranges, strict=True)))
+        except BrokenProcessPool:
+            raise ImportFailed(_DIED) from None
     check, offset = Check(), 0
     for count, part in results:
         check.lines += part.lines
@@ -259,8 +270,8 @@ def import_lines(
     return outcomes
 
 
-def planned_lines(path: Path, plan: bytes, loader: int) -> Iterator[Line]:
-    """The lines of ``path`` that ``plan`` gives to ``loader``, in file order.
+def planned_lines(path: Path, plan: bytes, loader: int, loaders: int) -> Iterator[Line]:
+    """The lines of ``path`` that ``plan`` (made for ``loaders``) gives to ``loader``, in file order.
 
     Raises :class:`FileChanged` if the file no longer holds what checking it found.
     """
@@ -271,26 +282,44 @@ def planned_lines(path: Path, plan: bytes, loader: int) -> Iterator[Line]:
                 break
             if plan[number - 1] == loader:
                 line = parse_line(number, text)
-                if line.event is None:
+                if line.event is None or loader_of(line.event, loaders) != loader:
                     break
                 yield line
         else:
             if number == len(plan):
                 return
-    raise FileChanged(f"{path} changed while it was imported (at line {number}): rerun the import")
+    raise FileChanged(
+        f"{path} changed while it was imported (at line {number}); the batches committed so far stay: "
+        "rerun the import to complete it"
+    )
 
 
 class _Stopped(Exception):
     """Another loader failed: this one stops after the batches it has committed."""
 
 
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel end this process when the import's own process ends, however it ends.
+
+    A worker left behind would go on writing unseen, and then wait for work for ever. An uncommitted
+    batch is rolled back by the server when the connection drops; the import is idempotent.
+    """
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it ended before that took effect
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
 # Set in each loader process by _start_loader: where it reports progress, and the signal to stop.
 _progress: Any = None
 _stop: Any = None
 
 
-def _start_loader(progress: Any, stop: Any) -> None:
+def _start_loader(parent: int, progress: Any, stop: Any) -> None:
     global _progress, _stop  # one process's own channel to its parent
+    _die_with_parent(parent)
     _progress, _stop = progress, stop
 
 
@@ -301,16 +330,21 @@ def _report(size: int) -> None:
 
 
 def _load(
-    config: Config, path: Path, plan: bytes, loader: int, batch_size: int, on_batch: Callable[[int], None]
+    config: Config,
+    path: Path,
+    plan: bytes,
+    loader: int,
+    loaders: int,
+    batch_size: int,
+    on_batch: Callable[[int], None],
 ) -> Counter[str]:
     """Load ``loader``'s lines of ``path`` through a store of its own."""
     store = EventStore(create_engine_for(config), retry_attempts=config.retry_attempts)
     outcomes: Counter[str] = Counter()
+    lines = planned_lines(path, plan, loader, loaders)
     try:
         with fewer_collections():
-            import_lines(
-                store, planned_lines(path, plan, loader), batch_size=batch_size, on_batch=on_batch, into=outcomes
-            )
+            import_lines(store, lines, batch_size=batch_size, on_batch=on_batch, into=outcomes)
     except _Stopped:
         pass
     finally:
@@ -318,12 +352,27 @@ def _load(
     return outcomes
 
 
+def _load_apart(*args: Any) -> Counter[str]:
+    """:func:`_load` in a loader process, whose errors must reach the parent: the connector's own
+    pickle, anything else (a driver's error holding a lock, say) is passed on by name."""
+    try:
+        return _load(*args)
+    except ConnectorError:
+        raise
+    except Exception as exc:
+        raise ImportFailed(f"a loader failed: {type(exc).__name__}: {exc}"[:500]) from None
+
+
+# Loaders by default: one per core, up to this many (each holds a database connection).
+_DEFAULT_MAX_LOADERS = 8
+
+
 def loaders_for(config: Config, requested: int | None = None) -> int:
-    """How many processes load a file: ``requested``, or one per core; on SQLite, whose writers take
-    turns at one lock, always one."""
+    """How many processes load a file: ``requested``, or one per core up to 8; on SQLite, whose
+    writers take turns at one lock, always one."""
     if normalize_url(config.database_url).get_backend_name() == "sqlite":
         return 1
-    return max(1, min(requested or _cores(), MAX_LOADERS))
+    return max(1, min(requested or min(_cores(), _DEFAULT_MAX_LOADERS), MAX_LOADERS))
 
 
 def import_file(
@@ -338,17 +387,20 @@ def import_file(
     """Load the good lines of ``path`` by ``loaders`` processes, as ``check.plan`` (made by
     :func:`check_file` for as many loaders) assigns them; return the count per outcome.
 
-    If a loader fails, the others stop after their current batch and the failure is raised: what was
-    committed stays, and a rerun completes it.
+    If a loader fails or dies, the others stop after their current batch and the failure is raised
+    (:class:`ImportFailed` for a loader that died): what was committed stays, and a rerun completes it.
     """
     if loaders == 1:
-        return _load(config, path, check.plan, 0, batch_size, on_batch)
+        return _load(config, path, check.plan, 0, 1, batch_size, on_batch)
     context = _FORK or multiprocessing.get_context()
     progress, stop = context.Queue(), context.Event()
     outcomes: Counter[str] = Counter()
     reported = 0
-    with ProcessPoolExecutor(loaders, mp_context=_FORK, initializer=_start_loader, initargs=(progress, stop)) as pool:
-        futures = [pool.submit(_load, config, path, check.plan, n, batch_size, _report) for n in range(loaders)]
+    initargs = (os.getpid(), progress, stop)
+    with ProcessPoolExecutor(loaders, mp_context=_FORK, initializer=_start_loader, initargs=initargs) as pool:
+        futures = [
+            pool.submit(_load_apart, config, path, check.plan, n, loaders, batch_size, _report) for n in range(loaders)
+        ]
         try:
             pending = set(futures)
             while pending:
@@ -362,12 +414,21 @@ def import_file(
                         on_batch(size)
         finally:
             stop.set()
-        for future in futures:
-            outcomes.update(future.result())
+        try:
+            for future in futures:
+                outcomes.update(future.result())
+        except BrokenProcessPool:
+            raise ImportFailed(_DIED) from None
     loaded = sum(outcomes.values())
     if loaded > reported:  # the last reports may still be in the queue's pipe
         on_batch(loaded - reported)
     return outcomes
+
+
+_DIED = (
+    "a process of the import ended without finishing (killed, or out of memory?); the batches committed "
+    "so far stay: rerun the import to complete it"
+)
 
 
 def export_lines(engine: Engine, out: TextIO, *, since: datetime | None = None) -> int:
