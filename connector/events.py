@@ -120,7 +120,9 @@ def decode_json(body: bytes) -> Any:
         raise InvalidEnvelope(f"the body is not valid JSON: {exc.msg} at character {exc.pos}") from exc
     except RecursionError as exc:
         raise InvalidEnvelope(_NESTED_TOO_DEEPLY) from exc
-    if _too_deep(document):
+    # Nesting needs an opening bracket per level, so a body with few cannot be too deep: the walk is
+    # left to the rare body with many (it cost 3 us for every event).
+    if body.count(b"[") + body.count(b"{") > MAX_NESTING and _too_deep(document):
         raise InvalidEnvelope(_NESTED_TOO_DEEPLY)
     return document
 
