@@ -3,8 +3,9 @@
 Exit codes, the same for every command, for scripts to rely on:
 
 - 0: success.
-- 1: the command ran and found something wrong: a failed check, bad lines in an import file, a
-  receiver that answered ``send`` with an error.
+- 1: the command ran and found something wrong: a failed check, bad lines in an import file, an
+  import stopped part-way (a loader killed, the file changed), a receiver that answered ``send``
+  with an error.
 - 2: bad usage or configuration: an unknown option, a missing file, no secret, an invalid setting.
 - 3: the database or the receiver could not be reached, or kept failing; retry later.
 """
