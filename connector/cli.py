@@ -208,9 +208,7 @@ def import_(obj: _Context, file: Path, batch_size: int, skip_bad: bool, processe
     Signatures are not checked: the file is the operator's own. Rerunning, also after a crash, is
     safe: events already recorded are duplicates and write nothing.
     """
-    from tqdm import tqdm
-
-    from connector.db.transfer import check_file, import_file, loaders_for
+    from connector.backfill import check_file  # no database code: the check starts at once
 
     if not file.is_file():
         raise click.UsageError(
@@ -218,9 +216,14 @@ def import_(obj: _Context, file: Path, batch_size: int, skip_bad: bool, processe
             "and then to load them; save it to a file first"
         )
     config = obj.config()
-    loaders = loaders_for(config, processes)
+
+    def meanwhile() -> None:
+        # This process waits while the file is checked: it loads the database code and checks the
+        # database's revision then. Each loader opens its own connections.
+        _ready_store(config).engine.dispose()
+
     try:
-        check = check_file(file, keep=_MAX_BAD_LINES_SHOWN, loaders=loaders)
+        check = check_file(file, keep=_MAX_BAD_LINES_SHOWN, meanwhile=meanwhile)
     except ImportFailed as exc:
         raise _Problem(str(exc)) from exc
     lines, bad = check.lines, check.bad
@@ -232,7 +235,11 @@ def import_(obj: _Context, file: Path, batch_size: int, skip_bad: bool, processe
         click.echo(f"nothing imported: {bad} of {lines} lines are bad; fix them or pass --skip-bad", err=True)
         raise click.exceptions.Exit(EXIT_PROBLEM)
 
-    _ready_store(config).engine.dispose()  # each loader opens its own connections
+    from tqdm import tqdm
+
+    from connector.db.transfer import import_file, loaders_for
+
+    loaders = loaders_for(config, processes)
     try:
         with tqdm(total=lines - bad, unit="event", disable=None, file=sys.stderr) as progress:
             outcomes = import_file(config, file, check, loaders, batch_size=batch_size, on_batch=progress.update)

@@ -20,19 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, func, inspect, select, text
 
+from connector.backfill import SKIP, bucket_of, check_file, fewer_collections, loader_of, planned_lines, read_lines
 from connector.cli import cli
 from connector.db.migrate import head_revision
 from connector.db.schema import events, metadata
 from connector.db.store import EventStore
-from connector.db.transfer import (
-    SKIP,
-    _load_apart,
-    check_file,
-    fewer_collections,
-    loader_of,
-    planned_lines,
-    read_lines,
-)
+from connector.db.transfer import _load_apart
 from connector.errors import FileChanged, ImportFailed
 from connector.events import event_from_document
 from tests.conftest import SECRET, Gunicorn, empty_tables, envelope, free_port, make_config
@@ -337,21 +330,23 @@ def test_checking_a_file_in_parallel_parts_finds_what_reading_it_line_by_line_do
     text = "".join(_LINE_KINDS[kind] for kind in kinds)
     path = tmp_path / "lines.jsonl"
     path.write_bytes((text if last_newline else text.removesuffix("\n")).encode())
-    check = check_file(path, keep=5, part_bytes=part_bytes, processes=processes, loaders=loaders)
+    check = check_file(path, keep=5, part_bytes=part_bytes, processes=processes)
     lines = list(read_lines(path))
     bad = [(line.number, line.problem) for line in lines if line.problem is not None]
     assert (check.lines, check.bad) == (len(lines), len(bad))
     assert [(line.number, line.problem) for line in check.first_bad] == bad[:5]
-    # The plan has a byte per line of the file: blank and bad lines go to no loader.
+    # The plan has a byte per line of the file: a good line's bucket; blank and bad lines, SKIP.
     with path.open("rb") as fh:
         plan = [SKIP] * len(fh.readlines())  # lines as a file reads them: only \n ends one
+    taker = [None] * len(plan)
     for line in lines:
         if line.event is not None:
-            plan[line.number - 1] = loader_of(line.event, loaders)
+            plan[line.number - 1] = bucket_of(line.event)
+            taker[line.number - 1] = loader_of(line.event, loaders)
     assert list(check.plan) == plan
     for loader in range(loaders):
         numbers = [line.number for line in planned_lines(path, check.plan, loader, loaders)]
-        assert numbers == [number for number, taker in enumerate(plan, start=1) if taker == loader]
+        assert numbers == [number for number, took in enumerate(taker, start=1) if took == loader]
 
 
 def test_bulk_work_leaves_the_callers_garbage_collector_as_it_found_it(db_url, tmp_path):
@@ -391,7 +386,7 @@ def test_a_line_moved_to_another_loaders_row_since_the_check_stops_the_load(tmp_
     loader = {row: loader_of(event_from_document(envelope("contact.created", {"id": row})), 2) for row in rows}
     mine, other = next(r for r in rows if loader[r] == 0), next(r for r in rows if loader[r] == 1)
     path = write_lines(tmp_path / "m.jsonl", [envelope("contact.created", {"id": mine}, "e1")])
-    plan = check_file(path, loaders=2).plan
+    plan = check_file(path).plan
     write_lines(path, [envelope("contact.created", {"id": other}, "e1")])
     with pytest.raises(FileChanged, match="at line 1"):
         list(planned_lines(path, plan, 0, 2))
