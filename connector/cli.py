@@ -56,6 +56,9 @@ class _Group(click.Group):
         except DatabaseUnavailable as exc:
             click.echo(f"error: the database is unavailable: {exc}", err=True)
             ctx.exit(EXIT_UNAVAILABLE)
+        except ImportFailed as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_PROBLEM)
         except ConnectorError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(EXIT_USAGE)
@@ -222,10 +225,7 @@ def import_(obj: _Context, file: Path, batch_size: int, skip_bad: bool, processe
         # database's revision then. Each loader opens its own connections.
         _ready_store(config).engine.dispose()
 
-    try:
-        check = check_file(file, keep=_MAX_BAD_LINES_SHOWN, meanwhile=meanwhile)
-    except ImportFailed as exc:
-        raise _Problem(str(exc)) from exc
+    check = check_file(file, keep=_MAX_BAD_LINES_SHOWN, meanwhile=meanwhile)
     lines, bad = check.lines, check.bad
     for line in check.first_bad:
         click.echo(f"{file}:{line.number}: {line.problem}", err=True)
@@ -240,11 +240,8 @@ def import_(obj: _Context, file: Path, batch_size: int, skip_bad: bool, processe
     from connector.db.transfer import import_file, loaders_for
 
     loaders = loaders_for(config, processes)
-    try:
-        with tqdm(total=lines - bad, unit="event", disable=None, file=sys.stderr) as progress:
-            outcomes = import_file(config, file, check, loaders, batch_size=batch_size, on_batch=progress.update)
-    except ImportFailed as exc:
-        raise _Problem(str(exc)) from exc
+    with tqdm(total=lines - bad, unit="event", disable=None, file=sys.stderr) as progress:
+        outcomes = import_file(config, file, check, loaders, batch_size=batch_size, on_batch=progress.update)
     summary = ", ".join(f"{outcome} {count}" for outcome, count in sorted(outcomes.items())) or "no events"
     click.echo(f"imported {lines - bad} events from {file}: {summary}" + (f"; skipped {bad} bad lines" if bad else ""))
     if bad:

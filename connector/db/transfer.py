@@ -164,8 +164,8 @@ def import_file(
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_batch: Callable[[int], None] = lambda size: None,
 ) -> Counter[str]:
-    """Load the good lines of ``path`` by ``loaders`` processes, as ``check.plan`` (made by
-    :func:`check_file` for as many loaders) assigns them; return the count per outcome.
+    """Load the good lines of ``path`` by ``loaders`` processes, each taking whole buckets of
+    ``check.plan`` (made by :func:`check_file`); return the count per outcome.
 
     If a loader fails or dies, the others stop after their current batch and the failure is raised
     (:class:`ImportFailed` for a loader that died): what was committed stays, and a rerun completes it.
@@ -177,7 +177,7 @@ def import_file(
     outcomes: Counter[str] = Counter()
     reported = 0
     initargs = (os.getpid(), progress, stop)
-    with ProcessPoolExecutor(loaders, mp_context=FORK, initializer=_start_loader, initargs=initargs) as pool:
+    with ProcessPoolExecutor(loaders, mp_context=context, initializer=_start_loader, initargs=initargs) as pool:
         futures = [
             pool.submit(_load_apart, config, path, check.plan, n, loaders, batch_size, _report) for n in range(loaders)
         ]
