@@ -5,6 +5,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+import sqlalchemy
 from sqlalchemy import Engine, create_engine, func, select, text
 
 from connector.db.engine import create_engine_for
@@ -356,3 +357,72 @@ def test_ids_that_differ_only_by_trailing_spaces_are_different_events_and_rows(a
     assert [entry["event_id"] for entry in log(engine)] == ["e1", "e1 ", "e2"]
     assert row(engine, "contact", "c1")["username"] == "a" and row(engine, "contact", "c1 ")["username"] == "c"
     assert any_store.retries == 0
+
+
+# Characters that mean something in an array literal, in SQL or in JSON, and some that are not ASCII.
+AWKWARD_IDS = ['a"b', "c\\d", "{e,f}", "g h", "NULL", "{}", " ", "'; DROP TABLE x; --", "\u00fc\U0001f600", 'x\\"}']
+
+
+def test_ids_with_quotes_backslashes_and_braces_are_found_and_locked(any_store, engine):
+    """PostgreSQL's pipelined path sends id lists as array literals; each id must come back as itself."""
+    created = [make("message.created", {"id": rid, "message": "one"}, f"c{rid}") for rid in AWKWARD_IDS]
+    assert any_store.record_many([(event, datetime.now(UTC)) for event in created]) == [Outcome.APPLIED] * 10
+    # The second batch finds every row (an edit, not a create) and every event id (a duplicate).
+    edits = [make("message.updated", {"id": rid, "message": "two"}, f"u{rid}") for rid in AWKWARD_IDS]
+    outcomes = any_store.record_many([(event, datetime.now(UTC)) for event in [*edits, *created]])
+    assert outcomes == [Outcome.APPLIED] * 10 + [Outcome.DUPLICATE] * 10
+    for rid in AWKWARD_IDS:
+        assert row(engine, "message", rid)["message"] == "two"
+    assert sorted(entry["event_id"] for entry in log(engine)) == sorted(
+        [f"c{rid}" for rid in AWKWARD_IDS] + [f"u{rid}" for rid in AWKWARD_IDS]
+    )
+    assert any_store.retries == 0
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_deleted_row_reads_back_as_deleted_in_any_session_time_zone(db_url, engine):
+    """The pipelined path reads ``_deleted_at`` back as text in the session's time zone: an offset
+    such as +05:30 must parse, and the row stays deleted."""
+    kolkata = create_engine_for(make_config(db_url))
+
+    @sqlalchemy.event.listens_for(kolkata, "connect")
+    def set_time_zone(dbapi_connection, _record):
+        dbapi_connection.execute("SET timezone = 'Asia/Kolkata'")
+        dbapi_connection.commit()
+
+    try:
+        store = EventStore(kolkata)
+        assert store.record(make("contact.created", {"id": "c1"}, "e1")) is Outcome.APPLIED
+        assert store.record(make("contact.deleted", {"id": "c1"}, "e2")) is Outcome.APPLIED
+        deleted_at = row(engine, "contact", "c1")["_deleted_at"]
+        assert store.record(make("contact.updated", {"id": "c1", "username": "x"}, "e3")) is Outcome.AFTER_DELETE
+        assert row(engine, "contact", "c1")["_deleted_at"] == deleted_at
+        with kolkata.connect() as conn:
+            assert conn.exec_driver_sql("SHOW timezone").scalar_one() == "Asia/Kolkata"
+    finally:
+        kolkata.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_the_pipelined_path_prepares_its_statements_again_after_deallocate_all(db_url):
+    """A pooler or an administrator may drop a session's prepared statements; the next transaction
+    then finds them missing, prepares them again and runs once more."""
+    engine = create_engine_for(make_config(db_url), pool_size=1, max_overflow=0)
+    try:
+        store = EventStore(engine)
+        assert store.record(make("contact.created", {"id": "c1"}, "e1")) is Outcome.APPLIED
+        with engine.connect() as conn:  # the same, only, pooled connection
+            conn.exec_driver_sql("DEALLOCATE ALL")
+            conn.commit()
+        assert store.record(make("contact.updated", {"id": "c1", "username": "k"}, "e2")) is Outcome.APPLIED
+        assert store.retries == 1
+        # A rollback on that connection no longer makes psycopg drop them (it prepares nothing itself).
+        with engine.connect() as conn:
+            for _ in range(6):
+                conn.execute(select(func.count()).select_from(events))
+            conn.rollback()
+        assert store.record(make("contact.updated", {"id": "c1", "username": "m"}, "e3")) is Outcome.APPLIED
+        assert store.retries == 1
+        assert row(engine, "contact", "c1")["username"] == "m"
+    finally:
+        engine.dispose()

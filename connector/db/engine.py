@@ -84,6 +84,11 @@ def create_engine_for(config: Config, **kwargs: Any) -> Engine:
             "options": f"-c lock_timeout={int(config.lock_timeout_ms)}",
             "connect_timeout": connect_timeout,
         }
+        if url.get_driver_name() == "psycopg":
+            # psycopg would prepare a statement on its fifth execution, and after any ROLLBACK it then
+            # sends DEALLOCATE ALL, which drops the statements the pipelined path prepared as well
+            # (connector.db.pipeline). Statements sent through SQLAlchemy are few per transaction.
+            options["connect_args"]["prepare_threshold"] = None
     elif backend in ("mysql", "mariadb"):
         # READ COMMITTED avoids InnoDB's gap locks on inserts of new ids, the main source of
         # deadlocks between concurrent webhook writers.

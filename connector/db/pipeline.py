@@ -1,30 +1,48 @@
-"""PostgreSQL's fast path for small batches: a whole transaction in two round trips.
+"""PostgreSQL's fast path for small batches: a whole transaction in two round trips and two sends.
 
 The webhook receiver records a few events per transaction (one, or a group; see
 ``connector.group_commit``). Through SQLAlchemy that takes a round trip per statement, and the
 client's CPU per statement outweighs the database's work. Here the same plan (``connector.db.plan``)
-goes through psycopg's pipeline mode on the connection SQLAlchemy holds:
+goes through libpq's pipeline mode on the connection SQLAlchemy holds:
 
-1. one statement: the seen-id check and the row locks (``SELECT ... FOR UPDATE``, in id order);
+1. ``BEGIN`` and one statement that reads the seen event ids and locks every touched row
+   (``SELECT ... FOR UPDATE``, in id order);
 2. the ordering rules, in Python, exactly as on every other path;
-3. every write, and ``COMMIT``, pipelined, then one sync.
+3. every write, and ``COMMIT``.
+
+Steps 1 and 3 each leave in one ``send()`` and are answered after one wait. psycopg's own pipeline
+sends every statement, and every row of an ``executemany``, the moment it is queued, and a
+transaction's ``BEGIN`` in a round trip of its own: a group of two events took 15 sends and three
+waits, and each send woke the database's backend again. The statements are prepared once per
+connection (named ``coherent_*``, beside psycopg's ``_pg3_*``), and every parameter goes as text in
+the form PostgreSQL reads for its column's type.
 
 A row or event id that a concurrent writer created first makes a plain INSERT fail with a unique
 violation; that aborts the rest of the pipeline, ``COMMIT`` included, so nothing is half written,
 and the store runs the transaction again (:class:`~connector.db.plan.LostRace`). Any other error
-is wrapped as SQLAlchemy would wrap it, so retries and 503s work as on every other path.
+is raised as psycopg raises it and wrapped as SQLAlchemy would wrap it, so retries and 503s work as
+on every other path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
-from collections.abc import Sequence
+import hashlib
+import json
+import select
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table
+import psycopg
+from psycopg import pq
+from psycopg.errors import InvalidSqlStatementName, error_from_result
+from sqlalchemy import JSON, Boolean, Column, Connection, Integer, Table
 
-from connector.db.dialects import driver_errors, json_columns, lost_race
+from connector.db.dialects import driver_errors, lost_race
 from connector.db.plan import (
     LostRace,
     fold,
@@ -35,30 +53,214 @@ from connector.db.plan import (
     state_writes,
 )
 from connector.db.schema import child_tables, events, state_tables
-from connector.db.types import json_dumps
+from connector.db.types import UTCDateTime, json_dumps
 from connector.events import Event, Outcome, RowState
+
+Encode = Callable[[Any], bytes]
+
+
+# --- Parameters as text -------------------------------------------------------------------------
+
+
+def _text(value: str) -> bytes:
+    if "\x00" in value:  # libpq reads a text parameter up to its first NUL
+        raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+    return value.encode()
+
+
+def _timestamp(value: datetime) -> bytes:
+    return value.astimezone(UTC).isoformat().encode()
+
+
+def _boolean(value: bool) -> bytes:
+    return b"t" if value else b"f"
+
+
+def _integer(value: int) -> bytes:
+    return b"%d" % value
+
+
+def _document(value: Any) -> bytes:
+    return json_dumps(value).encode()  # ASCII-only: a NUL character stays the escape \u0000
+
+
+def _text_array(values: Iterable[str]) -> bytes:
+    """A ``text[]`` literal: every element quoted, backslashes and quotes escaped."""
+    quoted = ('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values)
+    return _text("{" + ",".join(quoted) + "}")
+
+
+def _encoder(column: Column[Any]) -> Encode:
+    if isinstance(column.type, JSON):
+        return _document
+    if isinstance(column.type, UTCDateTime):
+        return _timestamp
+    if isinstance(column.type, Boolean):
+        return _boolean
+    if isinstance(column.type, Integer):
+        return _integer
+    return _text
+
+
+# --- Statements ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Statement:
+    """A statement this path prepares once per connection, and how to send each of its parameters."""
+
+    sql: str
+    encoders: tuple[Encode, ...]
+
+    @functools.cached_property
+    def name(self) -> bytes:
+        return b"coherent_" + hashlib.sha256(self.sql.encode()).hexdigest()[:24].encode()
+
+    def values(self, params: Sequence[Any]) -> list[bytes | None]:
+        return [None if value is None else encode(value) for encode, value in zip(self.encoders, params, strict=True)]
+
+
+# The resources in the order the read statement takes (and locks) them.
+_RESOURCES = sorted(state_tables)
 
 
 # One statement reads what a batch needs: the event ids already in the log, and every row it touches,
 # locked, one resource after another in a fixed order and in id order within each (so that concurrent
 # writers lock alike). A resource the batch does not touch gets an empty list, so the statement is
-# always the same one and psycopg prepares it once.
-def _read_statement() -> str:
-    locked = {resource: f"locked_{resource}" for resource in sorted(state_tables)}
+# always the same one.
+def _read_statement() -> Statement:
     ctes = [
-        f"{cte} AS (SELECT id, _raw, _last_action, _event_id, _deleted_at FROM {state_tables[resource].name} "
-        f"WHERE id = ANY(%({resource})s) ORDER BY id FOR UPDATE)"
-        for resource, cte in locked.items()
+        f"locked_{resource} AS (SELECT id, _raw, _last_action, _event_id, _deleted_at "
+        f"FROM {state_tables[resource].name} WHERE id = ANY(${position}::text[]) ORDER BY id FOR UPDATE)"
+        for position, resource in enumerate(_RESOURCES, start=2)
     ]
     seen = (
         f"SELECT '', event_id, NULL::json, NULL, NULL, NULL::timestamptz FROM {events.name} "
-        "WHERE event_id = ANY(%(seen)s)"
+        "WHERE event_id = ANY($1::text[])"
     )
-    rows = [f"SELECT '{resource}', * FROM {cte}" for resource, cte in locked.items()]
-    return f"WITH {', '.join(ctes)} {' UNION ALL '.join([seen, *rows])}"
+    rows = [f"SELECT '{resource}', * FROM locked_{resource}" for resource in _RESOURCES]
+    sql = f"WITH {', '.join(ctes)} {' UNION ALL '.join([seen, *rows])}"
+    return Statement(sql, (_text_array,) * (1 + len(_RESOURCES)))
 
 
 _READ = _read_statement()
+
+
+@functools.cache
+def _delete_children(resource: str) -> Statement:
+    child, parent_key = child_tables[resource]
+    return Statement(f"DELETE FROM {child.name} WHERE {parent_key} = ANY($1::text[])", (_text_array,))
+
+
+@functools.cache
+def _insert(table: Table, names: tuple[str, ...], overwrite: bool) -> Statement:
+    columns = ", ".join(f'"{name}"' for name in names)
+    values = ", ".join(f"${position}" for position in range(1, len(names) + 1))
+    sql = f"INSERT INTO {table.name} ({columns}) VALUES ({values})"
+    if overwrite:
+        key = [column.name for column in table.primary_key.columns]
+        assignments = ", ".join(f'"{name}" = EXCLUDED."{name}"' for name in names if name not in key)
+        sql += f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {assignments}"
+    return Statement(sql, tuple(_encoder(table.c[name]) for name in names))
+
+
+# --- libpq's pipeline ---------------------------------------------------------------------------
+
+# The statements prepared on each psycopg connection; forgotten with the connection.
+_PREPARED: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[bytes]] = weakref.WeakKeyDictionary()
+
+_SYNC, _FAILED, _ABORTED = pq.ExecStatus.PIPELINE_SYNC, pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.PIPELINE_ABORTED
+
+
+class _Pipeline:
+    """Statements queued in libpq's output buffer, sent together and answered at each :meth:`sync`."""
+
+    def __init__(self, driver: psycopg.Connection[Any]) -> None:
+        self.pgconn = driver.pgconn
+        self.encoding = driver.info.encoding
+        self.prepared = _PREPARED.setdefault(driver, set())
+        self.queued: list[bytes | None] = []  # per answer to come: the statement it prepares, if it is a Parse
+
+    def command(self, sql: bytes) -> None:
+        self.pgconn.send_query_params(sql, None)
+        self.queued.append(None)
+
+    def execute(self, statement: Statement, params: Sequence[Any]) -> None:
+        values = statement.values(params)
+        if statement.name not in self.prepared:
+            self.pgconn.send_prepare(statement.name, statement.sql.encode())
+            self.prepared.add(statement.name)
+            self.queued.append(statement.name)
+        self.pgconn.send_query_prepared(statement.name, values)
+        self.queued.append(None)
+
+    def sync(self) -> list[pq.abc.PGresult]:
+        """Send everything queued and wait for the answers: each execution's result, or the first error."""
+        queued, self.queued = self.queued, []
+        self.pgconn.pipeline_sync()
+        self._flush()
+        answers = []
+        while (answer := self._next()) is None or answer.status != _SYNC:
+            if answer is not None:
+                answers.append(answer)
+        if len(answers) != len(queued):
+            raise psycopg.InternalError(f"expected {len(queued)} answers from the pipeline, got {len(answers)}")
+        error = None
+        results = []
+        for prepares, answer in zip(queued, answers, strict=True):
+            if answer.status in (_FAILED, _ABORTED) and prepares is not None:
+                self.prepared.discard(prepares)
+            if answer.status == _FAILED and error is None:
+                error = error_from_result(answer, encoding=self.encoding)
+                if isinstance(error, InvalidSqlStatementName):  # DEALLOCATE ALL or DISCARD ALL ran
+                    self.prepared.clear()
+            if prepares is None:
+                results.append(answer)
+        if error is not None:
+            raise error
+        return results
+
+    def _flush(self) -> None:
+        # Non-blocking, as psycopg keeps every connection: send the rest as the socket takes it,
+        # reading meanwhile so that the server is never stuck writing answers nobody reads.
+        while self.pgconn.flush():
+            if self._wait(select.POLLIN | select.POLLOUT) & select.POLLIN:
+                self.pgconn.consume_input()
+
+    def _next(self) -> pq.abc.PGresult | None:
+        while self.pgconn.is_busy():
+            self._wait(select.POLLIN)
+            self.pgconn.consume_input()
+        return self.pgconn.get_result()
+
+    def _wait(self, events: int) -> int:
+        poller = select.poll()
+        poller.register(self.pgconn.socket, events)
+        return poller.poll()[0][1]
+
+    def close(self) -> None:
+        """Leave pipeline mode with nothing in flight; a connection that cannot is closed."""
+        try:
+            if self.queued:  # an error between queueing and syncing: run them, for the rollback to undo
+                with contextlib.suppress(psycopg.DatabaseError):
+                    self.sync()
+            self.pgconn.exit_pipeline_mode()
+        except psycopg.Error:
+            self.pgconn.finish()  # the pool then discards it
+
+
+@contextlib.contextmanager
+def _pipeline(driver: psycopg.Connection[Any]) -> Iterator[_Pipeline]:
+    with driver.lock:
+        driver.pgconn.enter_pipeline_mode()
+        pipeline = _Pipeline(driver)
+        try:
+            yield pipeline
+        finally:
+            pipeline.close()
+
+
+# --- The transaction ------------------------------------------------------------------------------
 
 
 def usable(conn: Connection) -> bool:
@@ -66,33 +268,34 @@ def usable(conn: Connection) -> bool:
     return conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg"
 
 
-@functools.cache
-def _delete_children(resource: str) -> str:
-    child, parent_key = child_tables[resource]
-    return f"DELETE FROM {child.name} WHERE {parent_key} = ANY(%(ids)s)"
+def _read(result: pq.abc.PGresult, resources: Iterable[str]) -> tuple[set[str], dict[str, dict[str, RowState]]]:
+    """The seen event ids and the locked rows, by resource, from the read statement's text rows."""
+    seen: set[str] = set()
+    states: dict[str, dict[str, RowState]] = {resource: {} for resource in resources}
+    value = result.get_value
+    for row in range(result.ntuples):
+        resource, rid = value(row, 0), value(row, 1).decode()
+        if not resource:
+            seen.add(rid)
+            continue
+        deleted_at = value(row, 5)
+        states[resource.decode()][rid] = RowState(
+            json.loads(value(row, 2)),
+            value(row, 3).decode(),
+            value(row, 4).decode(),
+            deleted_at and datetime.fromisoformat(deleted_at.decode()).astimezone(UTC),
+        )
+    return seen, states
 
 
-@functools.cache
-def _insert(table: Table, names: tuple[str, ...], overwrite: bool) -> str:
-    columns = ", ".join(f'"{name}"' for name in names)
-    values = ", ".join(f"%({name})s" for name in names)
-    statement = f"INSERT INTO {table.name} ({columns}) VALUES ({values})"
-    if overwrite:
-        key = [column.name for column in table.primary_key.columns]
-        assignments = ", ".join(f'"{name}" = EXCLUDED."{name}"' for name in names if name not in key)
-        statement += f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {assignments}"
-    return statement
-
-
-def _write(cursor: Any, table: Table, rows: Sequence[dict[str, Any]], *, overwrite: bool = False) -> None:
-    """Queue ``rows`` for ``table``: a plain INSERT, or with ``overwrite`` an upsert on the key."""
+def _queue(pipeline: _Pipeline, table: Table, rows: Sequence[dict[str, Any]], *, overwrite: bool = False) -> None:
+    """Queue ``rows`` for ``table``: a plain INSERT each, or with ``overwrite`` an upsert on the key."""
     if not rows:
         return
     names = tuple(rows[0])
-    # The engine's JSON serializer is bypassed here, so serialize as it would.
-    json_names = json_columns(table).intersection(names)
-    params = [{**row, **{name: json_dumps(row[name]) for name in json_names if row[name] is not None}} for row in rows]
-    cursor.executemany(_insert(table, names, overwrite), params)
+    statement = _insert(table, names, overwrite)
+    for row in rows:
+        pipeline.execute(statement, [row[name] for name in names])
 
 
 def record_events(conn: Connection, deliveries: Sequence[tuple[Event, datetime]]) -> list[Outcome]:
@@ -102,22 +305,14 @@ def record_events(conn: Connection, deliveries: Sequence[tuple[Event, datetime]]
     leaves the transaction to its caller.
     """
     driver = conn.connection.driver_connection
+    locks = ids_to_lock(deliveries)
+    read = [[event.event_id for event, _ in deliveries], *(locks.get(resource, ()) for resource in _RESOURCES)]
     try:
-        locks = ids_to_lock(deliveries)
-        params = {resource: locks.get(resource, []) for resource in state_tables}
-        with driver_errors(conn, "pipelined transaction"), driver.pipeline() as pipeline, driver.cursor() as cursor:
-            # The transaction's BEGIN goes in the same round trip as the read.
-            cursor.execute(_READ, {"seen": [event.event_id for event, _ in deliveries], **params})
-            pipeline.sync()
-            seen: set[str] = set()
-            states: dict[str, dict[str, RowState]] = {resource: {} for resource in locks}
-            for resource, rid, raw, last_action, event_id, deleted_at in cursor:
-                if resource:
-                    states[resource][rid] = RowState(
-                        raw, last_action, event_id, deleted_at and deleted_at.astimezone(UTC)
-                    )
-                else:
-                    seen.add(rid)
+        with driver_errors(conn, "pipelined transaction"), _pipeline(driver) as pipeline:
+            if driver.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+                pipeline.command(b"BEGIN")
+            pipeline.execute(_READ, read)
+            seen, states = _read(pipeline.sync()[-1], locks)
 
             fresh = fresh_deliveries(deliveries, seen)
             existing = {resource: set(rows) for resource, rows in states.items()}
@@ -126,17 +321,20 @@ def record_events(conn: Connection, deliveries: Sequence[tuple[Event, datetime]]
             for resource, rows in changed.items():
                 if rows:
                     writes = state_writes(resource, rows, existing[resource], synced_at)
-                    _write(cursor, state_tables[resource], writes.new)
-                    _write(cursor, state_tables[resource], writes.existing, overwrite=True)
+                    _queue(pipeline, state_tables[resource], writes.new)
+                    _queue(pipeline, state_tables[resource], writes.existing, overwrite=True)
                     if writes.clear_children_of:
-                        cursor.execute(_delete_children(resource), {"ids": writes.clear_children_of})
+                        pipeline.execute(_delete_children(resource), [writes.clear_children_of])
                     if resource in child_tables:
-                        _write(cursor, child_tables[resource][0], writes.children)
+                        _queue(pipeline, child_tables[resource][0], writes.children)
             log_rows = [log_row(event, at, outcome) for (event, at), outcome in zip(fresh, outcomes, strict=True)]
-            _write(cursor, events, log_rows)
-            cursor.execute("COMMIT")
+            _queue(pipeline, events, log_rows)
+            pipeline.command(b"COMMIT")
+            pipeline.sync()
     except Exception as exc:
         if lost_race(getattr(exc, "orig", None)):
             raise LostRace("a concurrent writer created the same row or event id first") from exc
+        if isinstance(getattr(exc, "orig", None), InvalidSqlStatementName):
+            raise LostRace("the connection's prepared statements were dropped: prepare them again") from exc
         raise
     return outcomes_in_order(deliveries, fresh, outcomes)

@@ -20,7 +20,8 @@ _CHILD_ROWS = {"group": group_members, "message": message_reactions}
 
 
 class LostRace(Exception):
-    """Another transaction wrote the same event id or created the same row first: run again."""
+    """Run the transaction again: another one wrote the same event id or created the same row
+    first, or (the pipelined path) the connection's prepared statements were dropped."""
 
 
 def state_row(
