@@ -7,6 +7,7 @@ drops them when it ends, however it ends. Nothing here asserts a speed: the benc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -40,39 +41,64 @@ RESOURCE_WEIGHTS = {"message": 50, "attachment": 15, "contact": 12, "conversatio
 ACTION_WEIGHTS = {"created": 60, "updated": 32, "deleted": 8}
 
 
-@contextlib.contextmanager
-def psycopg_statements(*, hold_commit: bool = False) -> Iterator[list[tuple[str, Any]]]:
-    """Collect (statement, parameters) of every SELECT, INSERT, UPDATE, DELETE or WITH psycopg sends.
+@dataclasses.dataclass
+class Sent:
+    """What the store sent to PostgreSQL while :func:`postgres_statements` was watching."""
 
-    The store sends its PostgreSQL hot path through psycopg's pipeline, around SQLAlchemy's cursor
-    events, so this patches psycopg's cursor for the duration. An executemany counts once, with its
-    first row's parameters. ``hold_commit`` skips the pipeline's own ``COMMIT``, so the caller can
-    roll the transaction back.
+    # (statement, parameters, placeholders): "psycopg" statements take %s parameters through a
+    # psycopg cursor; "libpq" ones take $n parameters, each already text, through libpq itself.
+    statements: list[tuple[str, Any, str]] = dataclasses.field(default_factory=list)
+    round_trips: int = 0  # the pipelined path's syncs: each sends what was queued and waits once
+
+
+@contextlib.contextmanager
+def postgres_statements(*, hold_commit: bool = False) -> Iterator[Sent]:
+    """Collect every SELECT, INSERT, UPDATE, DELETE or WITH the store sends to PostgreSQL.
+
+    The store sends its hot path through libpq's pipeline (``connector.db.pipeline``) and its bulk
+    path through psycopg, both around SQLAlchemy's cursor events, so this patches both for the
+    duration. An executemany counts once, with its first row's parameters. ``hold_commit`` skips
+    the pipeline's own ``COMMIT``, so the caller can roll the transaction back.
     """
     import psycopg
 
-    captured: list[tuple[str, Any]] = []
-    execute, executemany = psycopg.Cursor.execute, psycopg.Cursor.executemany
+    from connector.db import pipeline
+
+    sent = Sent()
     kinds = ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")
+    execute, executemany = psycopg.Cursor.execute, psycopg.Cursor.executemany
+    queue, command, sync = pipeline._Pipeline.execute, pipeline._Pipeline.command, pipeline._Pipeline.sync
 
     def capturing_execute(cursor, query, params=None, **kwargs):
-        text_ = str(query).strip()
-        if hold_commit and text_.upper() == "COMMIT":
-            return cursor
-        if text_.upper().startswith(kinds):
-            captured.append((text_, params))
+        if str(query).strip().upper().startswith(kinds):
+            sent.statements.append((str(query).strip(), params, "psycopg"))
         return execute(cursor, query, params, **kwargs)
 
     def capturing_executemany(cursor, query, params_seq, **kwargs):
         params_seq = list(params_seq)
-        captured.append((str(query).strip(), params_seq[0] if params_seq else None))
+        sent.statements.append((str(query).strip(), params_seq[0] if params_seq else None, "psycopg"))
         return executemany(cursor, query, params_seq, **kwargs)
 
+    def capturing_queue(self, statement, params):
+        sent.statements.append((statement.sql, statement.values(params), "libpq"))
+        return queue(self, statement, params)
+
+    def capturing_command(self, sql):
+        if not (hold_commit and sql == b"COMMIT"):
+            command(self, sql)
+
+    def counting_sync(self):
+        sent.round_trips += 1
+        return sync(self)
+
     psycopg.Cursor.execute, psycopg.Cursor.executemany = capturing_execute, capturing_executemany
+    pipeline._Pipeline.execute, pipeline._Pipeline.command = capturing_queue, capturing_command
+    pipeline._Pipeline.sync = counting_sync
     try:
-        yield captured
+        yield sent
     finally:
         psycopg.Cursor.execute, psycopg.Cursor.executemany = execute, executemany
+        pipeline._Pipeline.execute, pipeline._Pipeline.command, pipeline._Pipeline.sync = queue, command, sync
 
 
 def machine_load() -> str:

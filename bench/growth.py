@@ -88,8 +88,8 @@ def sample_events(url: str) -> list[bytes]:
 def explain_hot_path(url: str) -> list[tuple[str, str]]:
     """The plans of the statements the store sends for the sample events, each (statement, plan).
 
-    The store sends most of them through psycopg's pipeline, around SQLAlchemy, so they are caught
-    at psycopg's cursor; its COMMIT is held back, so every sample event is rolled back.
+    The store sends them through libpq's pipeline, around SQLAlchemy, so they are caught there (see
+    ``common.postgres_statements``); its COMMIT is held back, so every sample event is rolled back.
     """
     from connector.config import Config
     from connector.db.engine import create_engine_for
@@ -99,17 +99,23 @@ def explain_hot_path(url: str) -> list[tuple[str, str]]:
     samples = sample_events(url)
     with engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1")  # SQLAlchemy's own first-connect queries, before capturing
-    with common.psycopg_statements(hold_commit=True) as captured, engine.connect() as conn:
+    with common.postgres_statements(hold_commit=True) as sent, engine.connect() as conn:
         for body in samples:
             with conn.begin() as transaction:
                 pipeline.record_events(conn, [(parse_event(body), datetime.now(UTC))])
                 transaction.rollback()
     try:
         with engine.connect() as conn, conn.begin() as transaction:
-            cursor = conn.connection.driver_connection.cursor()
-            for statement, parameters in captured:
-                cursor.execute(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {statement}", parameters)
-                plans.append((statement, "\n".join(row[0] for row in cursor.fetchall())))
+            conn.exec_driver_sql("SELECT 1")  # psycopg's BEGIN: libpq's own statements below then run inside it
+            driver = conn.connection.driver_connection
+            for statement, parameters, placeholders in sent.statements:
+                explain = f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {statement}"
+                if placeholders == "libpq":
+                    result = driver.pgconn.exec_params(explain.encode(), parameters)
+                    lines = [result.get_value(row, 0).decode() for row in range(result.ntuples)]
+                else:
+                    lines = [row[0] for row in driver.execute(explain, parameters).fetchall()]
+                plans.append((statement, "\n".join(lines)))
             transaction.rollback()
     finally:
         engine.dispose()

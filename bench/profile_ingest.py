@@ -51,7 +51,7 @@ def main() -> None:
             client.simulate_post("/webhooks", body=body, headers=headers)
 
         profiler = None if args.no_profile else cProfile.Profile()
-        with common.psycopg_statements() as sent:
+        with common.postgres_statements() as sent:
             wall, cpu = time.perf_counter(), time.process_time()
             if profiler:
                 profiler.enable()
@@ -62,12 +62,15 @@ def main() -> None:
                 profiler.disable()
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         engine.dispose()
-        statements = Counter(statement.split(None, 1)[0].upper() for statement, _ in sent)
+        statements = Counter(statement.split(None, 1)[0].upper() for statement, _, _ in sent.statements)
 
     per_event = {name: count / args.events for name, count in statements.most_common()}
     print(f"wall {wall / args.events * 1000:.2f} ms/event, CPU in this process {cpu / args.events * 1000:.2f} ms/event")
     print("statements per event (COMMIT aside): " + ", ".join(f"{name} {n:.2f}" for name, n in per_event.items()))
-    print("round trips per event: 2 (the pipelined path: one read-and-lock statement, then the writes and COMMIT)")
+    print(
+        f"round trips per event: {sent.round_trips / args.events:.2f} "
+        "(the pipelined path: BEGIN and the read-and-lock statement, then the writes and COMMIT)"
+    )
     if profiler:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats(args.sort).print_stats(args.top)
