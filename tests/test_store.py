@@ -426,3 +426,29 @@ def test_the_pipelined_path_prepares_its_statements_again_after_deallocate_all(d
         assert row(engine, "contact", "c1")["username"] == "m"
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_the_pipelined_read_keeps_using_the_indexes_as_an_empty_log_grows(db_url):
+    """PostgreSQL would keep one generic plan for a prepared statement from its sixth execution,
+    made while the tables were empty: a sequential scan of the change log for every event."""
+    engine = create_engine_for(make_config(db_url), pool_size=1, max_overflow=0)
+    try:
+        store = EventStore(engine)
+        for i in range(8):
+            assert store.record(make("contact.created", {"id": f"c{i}"}, f"e{i}")) is Outcome.APPLIED
+        with engine.begin() as conn:  # the log grows, faster than autovacuum would analyze it
+            conn.exec_driver_sql(
+                "INSERT INTO coherent_events (event_id, type, resource, action, resource_id, payload, received_at, outcome) "
+                "SELECT 'g' || i, 'contact.created', 'contact', 'created', 'g' || i, '{}', now(), 'applied' "
+                "FROM generate_series(1, 20000) AS i"
+            )
+        with engine.connect() as conn:  # the same, only, pooled connection, where the read is prepared
+            [name] = conn.exec_driver_sql(
+                "SELECT name FROM pg_prepared_statements WHERE starts_with(statement, 'WITH locked_')"
+            ).scalars()
+            arrays = ", ".join(["'{e1}'::text[]"] + ["'{}'::text[]"] * 5)
+            plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN EXECUTE {name}({arrays})").scalars())
+        assert "Seq Scan on coherent_events" not in plan and "uq_coherent_events_event_id" in plan
+    finally:
+        engine.dispose()

@@ -45,18 +45,6 @@ def lost_race(error: Any) -> bool:
     return getattr(getattr(error, "diag", None), "constraint_name", None) in _RACE_CONSTRAINTS
 
 
-def plan_for_each_execution(conn: Connection) -> None:
-    """PostgreSQL: plan each statement of this transaction for the id lists it is given.
-
-    psycopg prepares a statement from its fifth execution on, and PostgreSQL may then settle on one
-    generic plan for it, made while the tables were small: a sequential scan. A bulk load grows the
-    tables faster than autovacuum analyzes them and kept paying that scan for every id list (an
-    import of 100,000 events in batches of 10,000 took twice as long as in batches of 5,000).
-    """
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_custom_plan")
-
-
 def _native(conn: Connection, portable: bool) -> str:
     return "portable" if portable else conn.dialect.name
 

@@ -234,7 +234,6 @@ class EventStore:
                 # A few events, as the webhook receiver sends: two round trips, not one per statement.
                 # This path COMMITs the transaction itself (its COMMIT is pipelined with the writes).
                 return pipeline.record_events(conn, deliveries)
-            dialects.plan_for_each_execution(conn)
             return record_events(conn, deliveries, portable=self.portable)
 
         return self.run_in_transaction(work, deadline=deadline)
