@@ -98,7 +98,7 @@ def _copy(conn: Connection, target: str, table: Table, names: list[str], rows: S
 
 @contextlib.contextmanager
 def driver_errors(conn: Connection, statement: str) -> Iterator[None]:
-    """Wrap errors of statements sent around SQLAlchemy (COPY, psycopg's pipeline) as SQLAlchemy would.
+    """Wrap errors of statements sent around SQLAlchemy (COPY, the libpq pipeline) as SQLAlchemy would.
 
     The store's retries and its mapping to 503 then treat them like any other statement's, and a
     dropped connection is invalidated so the pool replaces it.
@@ -181,7 +181,7 @@ def _insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]
     dialect = _native(conn, portable)
     for chunk in _chunks(rows):
         if dialect == "postgresql":
-            # psycopg's executemany sends the rows in pipeline mode as one prepared statement, and
+            # psycopg's executemany sends the rows in one pipeline, one statement text for all, and
             # its rowcount is the sum over the rows: 1 for each inserted, 0 for each skipped. A
             # multi-row INSERT ... RETURNING would make psycopg parse a query with thousands of
             # placeholders for every batch, which cost more than the database's work.

@@ -2,7 +2,7 @@
 
 No I/O here. The store reads and locks the rows, :func:`fold` applies the ordering rules to them, and
 :func:`state_writes` and :func:`log_row` say what to write; ``connector.db.store`` writes it through
-SQLAlchemy on any database, and ``connector.db.pipeline`` through psycopg's pipeline on PostgreSQL.
+SQLAlchemy on any database, and ``connector.db.pipeline`` through libpq's pipeline on PostgreSQL.
 """
 
 from __future__ import annotations
