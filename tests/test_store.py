@@ -8,6 +8,7 @@ import pytest
 import sqlalchemy
 from sqlalchemy import Engine, create_engine, func, select, text
 
+from connector.db import pipeline
 from connector.db.engine import create_engine_for
 from connector.db.schema import events, group_members, message_reactions, state_tables
 from connector.db.store import EventStore, record_events
@@ -380,14 +381,15 @@ def test_ids_with_quotes_backslashes_and_braces_are_found_and_locked(any_store, 
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-def test_a_deleted_row_reads_back_as_deleted_in_any_session_time_zone(db_url, engine):
-    """The pipelined path reads ``_deleted_at`` back as text in the session's time zone: an offset
-    such as +05:30 must parse, and the row stays deleted."""
+def test_a_deleted_row_reads_back_as_deleted_in_any_session_time_zone_and_date_style(db_url, engine):
+    """The pipelined path reads ``_deleted_at`` back as text: neither the session's time zone nor its
+    DateStyle may stop it from reading, and the row stays deleted."""
     kolkata = create_engine_for(make_config(db_url))
 
     @sqlalchemy.event.listens_for(kolkata, "connect")
     def set_time_zone(dbapi_connection, _record):
         dbapi_connection.execute("SET timezone = 'Asia/Kolkata'")
+        dbapi_connection.execute("SET DateStyle = 'SQL, DMY'")  # 04/12/2026 19:00:00.000000 IST
         dbapi_connection.commit()
 
     try:
@@ -450,5 +452,57 @@ def test_the_pipelined_read_keeps_using_the_indexes_as_an_empty_log_grows(db_url
             arrays = ", ".join(["'{e1}'::text[]"] + ["'{}'::text[]"] * 5)
             plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN EXECUTE {name}({arrays})").scalars())
         assert "Seq Scan on coherent_events" not in plan and "uq_coherent_events_event_id" in plan
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_session_that_lost_one_prepared_statement_recovers_in_one_retry(db_url):
+    """Dropping one statement must not leave the connection failing: the next pipeline drops them all
+    and prepares again what it needs."""
+    engine = create_engine_for(make_config(db_url), pool_size=1, max_overflow=0)
+    try:
+        store = EventStore(engine)
+        assert store.record(make("contact.created", {"id": "c0"}, "e0")) is Outcome.APPLIED
+        with engine.connect() as conn:
+            [name] = conn.exec_driver_sql(
+                "SELECT name FROM pg_prepared_statements WHERE starts_with(statement, 'INSERT INTO coherent_events')"
+            ).scalars()
+            conn.exec_driver_sql(f"DEALLOCATE {name}")
+            conn.commit()
+        for i in range(1, 5):
+            assert store.record(make("contact.updated", {"id": "c0", "username": f"u{i}"}, f"e{i}")) is Outcome.APPLIED
+        assert store.retries == 1
+        assert row(engine, "contact", "c0")["username"] == "u4"
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_text_is_utf8_whatever_the_environment_asks(db_url, monkeypatch):
+    """Under PGCLIENTENCODING=LATIN1 the pipelined path and psycopg's own would encode text apart: an
+    id stored mangled by one was not found by the other, and a redelivery was applied twice."""
+    monkeypatch.setenv("PGCLIENTENCODING", "LATIN1")
+    engine = create_engine_for(make_config(db_url))
+    try:
+        store = EventStore(engine)
+        event = make("contact.created", {"id": "c\u00e9", "username": "\u00fc\u20ac"}, "e\u00e9")
+        assert store.record(event) is Outcome.APPLIED
+        # A batch this large goes by COPY, through psycopg: it must find the same event and row.
+        batch = [make("contact.created", {"id": f"x{i}"}, f"x{i}") for i in range(20)] + [event]
+        assert store.record_many([(e, datetime.now(UTC)) for e in batch])[-1] is Outcome.DUPLICATE
+        assert row(engine, "contact", "c\u00e9")["username"] == "\u00fc\u20ac"
+        assert [entry["event_id"] for entry in log(engine)].count("e\u00e9") == 1
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_the_pipelined_begin_keeps_the_connections_isolation_level(db_url):
+    engine = create_engine_for(make_config(db_url)).execution_options(isolation_level="SERIALIZABLE")
+    try:
+        assert EventStore(engine).record(make("contact.created", {"id": "c1"}, "e1")) is Outcome.APPLIED
+        with engine.connect() as conn:
+            assert pipeline._begin(conn.connection.driver_connection) == b"BEGIN ISOLATION LEVEL SERIALIZABLE"
     finally:
         engine.dispose()

@@ -92,6 +92,8 @@ def create_engine_for(config: Config, **kwargs: Any) -> Engine:
             "connect_timeout": connect_timeout,
         }
         if url.get_driver_name() == "psycopg":
+            # Text as UTF-8 on every path, whatever PGCLIENTENCODING says (the pipelined path needs it).
+            options["connect_args"]["client_encoding"] = "utf8"
             # psycopg would prepare a statement on its fifth execution, and after any ROLLBACK it then
             # sends DEALLOCATE ALL, which drops the statements the pipelined path prepared as well
             # (connector.db.pipeline). Statements sent through SQLAlchemy are few per transaction.
@@ -105,7 +107,10 @@ def create_engine_for(config: Config, **kwargs: Any) -> Engine:
             "init_command": f"SET SESSION innodb_lock_wait_timeout={seconds}",
             "connect_timeout": connect_timeout,
         }
+    connect_args = {**options.get("connect_args", {}), **kwargs.pop("connect_args", {})}
     options.update(kwargs)
+    if connect_args:
+        options["connect_args"] = connect_args
     engine = create_engine(url, **options)
     if backend == "sqlite":
         _setup_sqlite(engine, config)

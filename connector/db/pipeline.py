@@ -39,7 +39,7 @@ from typing import Any
 
 import psycopg
 from psycopg import pq
-from psycopg.errors import InvalidSqlStatementName, error_from_result
+from psycopg.errors import DuplicatePreparedStatement, InvalidSqlStatementName, error_from_result
 from sqlalchemy import JSON, Boolean, Column, Connection, Integer, Table
 
 from connector.db.dialects import driver_errors, lost_race
@@ -129,15 +129,14 @@ _RESOURCES = sorted(state_tables)
 # writers lock alike). A resource the batch does not touch gets an empty list, so the statement is
 # always the same one.
 def _read_statement() -> Statement:
+    # The deletion time goes as ISO 8601 in UTC, whatever the session's DateStyle and time zone.
+    deleted_at = "to_char(_deleted_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US')"
     ctes = [
-        f"locked_{resource} AS (SELECT id, _raw, _last_action, _event_id, _deleted_at "
+        f"locked_{resource} AS (SELECT id, _raw, _last_action, _event_id, {deleted_at} "
         f"FROM {state_tables[resource].name} WHERE id = ANY(${position}::text[]) ORDER BY id FOR UPDATE)"
         for position, resource in enumerate(_RESOURCES, start=2)
     ]
-    seen = (
-        f"SELECT '', event_id, NULL::json, NULL, NULL, NULL::timestamptz FROM {events.name} "
-        "WHERE event_id = ANY($1::text[])"
-    )
+    seen = f"SELECT '', event_id, NULL::json, NULL, NULL, NULL FROM {events.name} WHERE event_id = ANY($1::text[])"
     rows = [f"SELECT '{resource}', * FROM locked_{resource}" for resource in _RESOURCES]
     sql = f"WITH {', '.join(ctes)} {' UNION ALL '.join([seen, *rows])}"
     return Statement(sql, (_text_array,) * (1 + len(_RESOURCES)))
@@ -166,10 +165,22 @@ def _insert(table: Table, names: tuple[str, ...], overwrite: bool) -> Statement:
 
 # --- libpq's pipeline ---------------------------------------------------------------------------
 
-# The statements prepared on each psycopg connection; forgotten with the connection.
-_PREPARED: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[bytes]] = weakref.WeakKeyDictionary()
 
-_SYNC, _FAILED, _ABORTED = pq.ExecStatus.PIPELINE_SYNC, pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.PIPELINE_ABORTED
+@dataclasses.dataclass
+class _Session:
+    """What this module knows of one connection's server session."""
+
+    prepared: set[bytes] = dataclasses.field(default_factory=set)  # the statements prepared on it
+    # Set when the server turned out to hold other statements than ``prepared`` (something ran
+    # DEALLOCATE, or a pooler switched sessions): the next pipeline starts with DEALLOCATE ALL.
+    stale: bool = False
+
+
+# Forgotten with the connection.
+_SESSIONS: weakref.WeakKeyDictionary[psycopg.Connection[Any], _Session] = weakref.WeakKeyDictionary()
+
+_SYNC, _ABORTED = pq.ExecStatus.PIPELINE_SYNC, pq.ExecStatus.PIPELINE_ABORTED
+_SUCCEEDED = frozenset([pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK])
 
 
 class _Pipeline:
@@ -178,7 +189,7 @@ class _Pipeline:
     def __init__(self, driver: psycopg.Connection[Any]) -> None:
         self.pgconn = driver.pgconn
         self.encoding = driver.info.encoding
-        self.prepared = _PREPARED.setdefault(driver, set())
+        self.session = _SESSIONS.setdefault(driver, _Session())
         self.queued: list[bytes | None] = []  # per answer to come: the statement it prepares, if it is a Parse
 
     def command(self, sql: bytes) -> None:
@@ -187,12 +198,20 @@ class _Pipeline:
 
     def execute(self, statement: Statement, params: Sequence[Any]) -> None:
         values = statement.values(params)
-        if statement.name not in self.prepared:
+        if statement.name not in self.session.prepared:
             self.pgconn.send_prepare(statement.name, statement.sql.encode())
-            self.prepared.add(statement.name)
+            self.session.prepared.add(statement.name)
             self.queued.append(statement.name)
         self.pgconn.send_query_prepared(statement.name, values)
         self.queued.append(None)
+
+    def reset_if_stale(self) -> None:
+        """Drop every prepared statement of a session whose statements are not the ones recorded."""
+        if self.session.stale:
+            self.command(b"DEALLOCATE ALL")
+            self.sync()
+            self.session.prepared.clear()
+            self.session.stale = False
 
     def sync(self) -> list[pq.abc.PGresult]:
         """Send everything queued and wait for the answers: each execution's result, or the first error."""
@@ -204,18 +223,20 @@ class _Pipeline:
             if answer is not None:
                 answers.append(answer)
         if len(answers) != len(queued):
+            self.session.stale = True
             raise psycopg.InternalError(f"expected {len(queued)} answers from the pipeline, got {len(answers)}")
         error = None
         results = []
         for prepares, answer in zip(queued, answers, strict=True):
-            if answer.status in (_FAILED, _ABORTED) and prepares is not None:
-                self.prepared.discard(prepares)
-            if answer.status == _FAILED and error is None:
-                error = error_from_result(answer, encoding=self.encoding)
-                if isinstance(error, InvalidSqlStatementName):  # DEALLOCATE ALL or DISCARD ALL ran
-                    self.prepared.clear()
+            if answer.status not in _SUCCEEDED:
+                if prepares is not None:
+                    self.session.prepared.discard(prepares)
+                if answer.status != _ABORTED and error is None:  # aborted: by the error before it
+                    error = error_from_result(answer, encoding=self.encoding)
             if prepares is None:
                 results.append(answer)
+        if isinstance(error, InvalidSqlStatementName | DuplicatePreparedStatement):
+            self.session.stale = True
         if error is not None:
             raise error
         return results
@@ -252,20 +273,38 @@ class _Pipeline:
 @contextlib.contextmanager
 def _pipeline(driver: psycopg.Connection[Any]) -> Iterator[_Pipeline]:
     with driver.lock:
-        driver.pgconn.enter_pipeline_mode()
         pipeline = _Pipeline(driver)
+        driver.pgconn.enter_pipeline_mode()
         try:
+            pipeline.reset_if_stale()
             yield pipeline
         finally:
             pipeline.close()
+
+
+def _begin(driver: psycopg.Connection[Any]) -> bytes:
+    """The BEGIN psycopg would send: with the connection's isolation level, read-only and deferrable settings."""
+    parts = ["BEGIN"]
+    if driver.isolation_level is not None:
+        parts.append(f"ISOLATION LEVEL {driver.isolation_level.name.replace('_', ' ')}")
+    if driver.read_only is not None:
+        parts.append("READ ONLY" if driver.read_only else "READ WRITE")
+    if driver.deferrable is not None:
+        parts.append("DEFERRABLE" if driver.deferrable else "NOT DEFERRABLE")
+    return " ".join(parts).encode()
 
 
 # --- The transaction ------------------------------------------------------------------------------
 
 
 def usable(conn: Connection) -> bool:
-    """Whether ``conn`` is a PostgreSQL connection through psycopg 3, which has pipeline mode."""
-    return conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg"
+    """Whether ``conn`` is a PostgreSQL connection through psycopg 3, which has pipeline mode, that
+    speaks UTF-8 (this path encodes and decodes text itself)."""
+    return (
+        conn.dialect.name == "postgresql"
+        and conn.dialect.driver == "psycopg"
+        and conn.connection.driver_connection.info.encoding == "utf-8"
+    )
 
 
 def _read(result: pq.abc.PGresult, resources: Iterable[str]) -> tuple[set[str], dict[str, dict[str, RowState]]]:
@@ -283,7 +322,7 @@ def _read(result: pq.abc.PGresult, resources: Iterable[str]) -> tuple[set[str], 
             json.loads(value(row, 2)),
             value(row, 3).decode(),
             value(row, 4).decode(),
-            deleted_at and datetime.fromisoformat(deleted_at.decode()).astimezone(UTC),
+            deleted_at and datetime.fromisoformat(deleted_at.decode()).replace(tzinfo=UTC),
         )
     return seen, states
 
@@ -310,7 +349,7 @@ def record_events(conn: Connection, deliveries: Sequence[tuple[Event, datetime]]
     try:
         with driver_errors(conn, "pipelined transaction"), _pipeline(driver) as pipeline:
             if driver.pgconn.transaction_status == pq.TransactionStatus.IDLE:
-                pipeline.command(b"BEGIN")
+                pipeline.command(_begin(driver))
             pipeline.execute(_READ, read)
             seen, states = _read(pipeline.sync()[-1], locks)
 
@@ -334,7 +373,7 @@ def record_events(conn: Connection, deliveries: Sequence[tuple[Event, datetime]]
     except Exception as exc:
         if lost_race(getattr(exc, "orig", None)):
             raise LostRace("a concurrent writer created the same row or event id first") from exc
-        if isinstance(getattr(exc, "orig", None), InvalidSqlStatementName):
-            raise LostRace("the connection's prepared statements were dropped: prepare them again") from exc
+        if isinstance(getattr(exc, "orig", None), InvalidSqlStatementName | DuplicatePreparedStatement):
+            raise LostRace("the session's prepared statements were not the ones recorded: prepare them again") from exc
         raise
     return outcomes_in_order(deliveries, fresh, outcomes)
