@@ -65,14 +65,6 @@ def parse_line(number: int, text: bytes) -> Line:
     return Line(number, event, received_at)
 
 
-def read_lines(path: Path) -> Iterator[Line]:
-    """Every non-blank line of ``path``, numbered from 1 as an editor numbers them."""
-    with path.open("rb") as fh:
-        for number, text in enumerate(fh, start=1):
-            if text.strip():
-                yield parse_line(number, text)
-
-
 # A load plan gives each line one of BUCKETS buckets by its resource id, or SKIP: a blank or bad line.
 BUCKETS = 254
 SKIP = 255
@@ -84,9 +76,9 @@ def bucket_of(event: Event) -> int:
     return zlib.crc32(event.resource_id.encode()) % BUCKETS
 
 
-def loader_of(event: Event, loaders: int) -> int:
-    """Which of ``loaders`` processes loads ``event``: the one that takes its bucket."""
-    return bucket_of(event) % loaders
+def loader_of(bucket: int, loaders: int) -> int:
+    """Which of ``loaders`` processes loads the lines of ``bucket``: each takes whole buckets."""
+    return bucket % loaders
 
 
 @dataclasses.dataclass
@@ -187,7 +179,7 @@ def check_file(
     processes: int | None = None,
     meanwhile: Callable[[], None] = lambda: None,
 ) -> Check:
-    """Check every line of ``path`` as :func:`read_lines` parses it, in ``processes`` processes at once
+    """Check every non-blank line of ``path`` with :func:`parse_line`, in ``processes`` processes at once
     (default: one per core), each taking a part of at least ``part_bytes``, and plan its load.
 
     Keeps the first ``keep`` bad lines, with their line numbers in the file. Runs ``meanwhile`` in
@@ -233,7 +225,7 @@ def planned_lines(path: Path, plan: bytes, loader: int, loaders: int) -> Iterato
             if number > len(plan):
                 break
             bucket = plan[number - 1]
-            if bucket != SKIP and bucket % loaders == loader:
+            if bucket != SKIP and loader_of(bucket, loaders) == loader:
                 line = parse_line(number, text)
                 if line.event is None or bucket_of(line.event) != bucket:
                     break

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, func, inspect, select, text
 
-from connector.backfill import SKIP, bucket_of, check_file, fewer_collections, loader_of, planned_lines, read_lines
+from connector.backfill import SKIP, bucket_of, check_file, fewer_collections, loader_of, parse_line, planned_lines
 from connector.cli import cli
 from connector.db.migrate import head_revision
 from connector.db.schema import events, metadata
@@ -264,7 +264,9 @@ def test_one_event_id_on_two_rows_is_recorded_once_when_loaders_race_for_it(db_u
     """Coherent never reuses an event id, but a hand-made file may: the loaders of the two rows race
     for it, the loser finds it recorded and counts it a duplicate, and the import completes."""
     rows = [f"c{n}" for n in range(40)]
-    loader = {row: loader_of(event_from_document(envelope("contact.created", {"id": row})), 2) for row in rows}
+    loader = {
+        row: loader_of(bucket_of(event_from_document(envelope("contact.created", {"id": row}))), 2) for row in rows
+    }
     first = next(row for row in rows if loader[row] == 0)
     second = next(row for row in rows if loader[row] == 1)
     documents = [envelope("contact.created", {"id": row}, f"e-{row}") for row in rows]
@@ -331,7 +333,8 @@ def test_checking_a_file_in_parallel_parts_finds_what_reading_it_line_by_line_do
     path = tmp_path / "lines.jsonl"
     path.write_bytes((text if last_newline else text.removesuffix("\n")).encode())
     check = check_file(path, keep=5, part_bytes=part_bytes, processes=processes)
-    lines = list(read_lines(path))
+    with path.open("rb") as fh:  # the file read line by line, numbered as an editor numbers them
+        lines = [parse_line(number, text) for number, text in enumerate(fh, start=1) if text.strip()]
     bad = [(line.number, line.problem) for line in lines if line.problem is not None]
     assert (check.lines, check.bad) == (len(lines), len(bad))
     assert [(line.number, line.problem) for line in check.first_bad] == bad[:5]
@@ -342,7 +345,7 @@ def test_checking_a_file_in_parallel_parts_finds_what_reading_it_line_by_line_do
     for line in lines:
         if line.event is not None:
             plan[line.number - 1] = bucket_of(line.event)
-            taker[line.number - 1] = loader_of(line.event, loaders)
+            taker[line.number - 1] = loader_of(bucket_of(line.event), loaders)
     assert list(check.plan) == plan
     for loader in range(loaders):
         numbers = [line.number for line in planned_lines(path, check.plan, loader, loaders)]
@@ -383,7 +386,9 @@ def test_a_line_moved_to_another_loaders_row_since_the_check_stops_the_load(tmp_
     """The loader of a row must see all its events: a line that now names a row of another loader
     would be applied out of order with that row's other events."""
     rows = [f"c{n}" for n in range(20)]
-    loader = {row: loader_of(event_from_document(envelope("contact.created", {"id": row})), 2) for row in rows}
+    loader = {
+        row: loader_of(bucket_of(event_from_document(envelope("contact.created", {"id": row}))), 2) for row in rows
+    }
     mine, other = next(r for r in rows if loader[r] == 0), next(r for r in rows if loader[r] == 1)
     path = write_lines(tmp_path / "m.jsonl", [envelope("contact.created", {"id": mine}, "e1")])
     plan = check_file(path).plan
