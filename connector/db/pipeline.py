@@ -40,9 +40,9 @@ from typing import Any
 import psycopg
 from psycopg import pq
 from psycopg.errors import DuplicatePreparedStatement, InvalidSqlStatementName, error_from_result
-from sqlalchemy import JSON, Boolean, Column, Connection, Integer, Table
+from sqlalchemy import Boolean, Connection, Integer, Table
 
-from connector.db.dialects import driver_errors, lost_race
+from connector.db.dialects import driver_errors, json_columns, lost_race
 from connector.db.plan import (
     LostRace,
     fold,
@@ -90,14 +90,15 @@ def _text_array(values: Iterable[str]) -> bytes:
     return _text("{" + ",".join(quoted) + "}")
 
 
-def _encoder(column: Column[Any]) -> Encode:
-    if isinstance(column.type, JSON):
+def _encoder(table: Table, name: str) -> Encode:
+    if name in json_columns(table):
         return _document
-    if isinstance(column.type, UTCDateTime):
+    column_type = table.c[name].type
+    if isinstance(column_type, UTCDateTime):
         return _timestamp
-    if isinstance(column.type, Boolean):
+    if isinstance(column_type, Boolean):
         return _boolean
-    if isinstance(column.type, Integer):
+    if isinstance(column_type, Integer):
         return _integer
     return _text
 
@@ -160,7 +161,7 @@ def _insert(table: Table, names: tuple[str, ...], overwrite: bool) -> Statement:
         key = [column.name for column in table.primary_key.columns]
         assignments = ", ".join(f'"{name}" = EXCLUDED."{name}"' for name in names if name not in key)
         sql += f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {assignments}"
-    return Statement(sql, tuple(_encoder(table.c[name]) for name in names))
+    return Statement(sql, tuple(_encoder(table, name) for name in names))
 
 
 # --- libpq's pipeline ---------------------------------------------------------------------------
@@ -188,7 +189,6 @@ class _Pipeline:
 
     def __init__(self, driver: psycopg.Connection[Any]) -> None:
         self.pgconn = driver.pgconn
-        self.encoding = driver.info.encoding
         self.session = _SESSIONS.setdefault(driver, _Session())
         self.queued: list[bytes | None] = []  # per answer to come: the statement it prepares, if it is a Parse
 
@@ -232,7 +232,7 @@ class _Pipeline:
                 if prepares is not None:
                     self.session.prepared.discard(prepares)
                 if answer.status != _ABORTED and error is None:  # aborted: by the error before it
-                    error = error_from_result(answer, encoding=self.encoding)
+                    error = error_from_result(answer, encoding="utf-8")  # usable() admits no other
             if prepares is None:
                 results.append(answer)
         if isinstance(error, InvalidSqlStatementName | DuplicatePreparedStatement):
