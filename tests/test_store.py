@@ -2,6 +2,7 @@
 
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -405,77 +406,76 @@ def test_a_deleted_row_reads_back_as_deleted_in_any_session_time_zone_and_date_s
         kolkata.dispose()
 
 
+@pytest.fixture
+def one_connection(db_url: str) -> Iterator[Engine]:
+    """An engine with a single pooled connection: what one test does to it, the next use meets."""
+    engine = create_engine_for(make_config(db_url), pool_size=1, max_overflow=0)
+    yield engine
+    engine.dispose()
+
+
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-def test_the_pipelined_path_prepares_its_statements_again_after_deallocate_all(db_url):
+def test_the_pipelined_path_prepares_its_statements_again_after_deallocate_all(one_connection):
     """A pooler or an administrator may drop a session's prepared statements; the next transaction
     then finds them missing, prepares them again and runs once more."""
-    engine = create_engine_for(make_config(db_url), pool_size=1, max_overflow=0)
-    try:
-        store = EventStore(engine)
-        assert store.record(make("contact.created", {"id": "c1"}, "e1")) is Outcome.APPLIED
-        with engine.connect() as conn:  # the same, only, pooled connection
-            conn.exec_driver_sql("DEALLOCATE ALL")
-            conn.commit()
-        assert store.record(make("contact.updated", {"id": "c1", "username": "k"}, "e2")) is Outcome.APPLIED
-        assert store.retries == 1
-        # A rollback on that connection no longer makes psycopg drop them (it prepares nothing itself).
-        with engine.connect() as conn:
-            for _ in range(6):
-                conn.execute(select(func.count()).select_from(events))
-            conn.rollback()
-        assert store.record(make("contact.updated", {"id": "c1", "username": "m"}, "e3")) is Outcome.APPLIED
-        assert store.retries == 1
-        assert row(engine, "contact", "c1")["username"] == "m"
-    finally:
-        engine.dispose()
+    engine = one_connection
+    store = EventStore(engine)
+    assert store.record(make("contact.created", {"id": "c1"}, "e1")) is Outcome.APPLIED
+    with engine.connect() as conn:  # the same, only, pooled connection
+        conn.exec_driver_sql("DEALLOCATE ALL")
+        conn.commit()
+    assert store.record(make("contact.updated", {"id": "c1", "username": "k"}, "e2")) is Outcome.APPLIED
+    assert store.retries == 1
+    # A rollback on that connection no longer makes psycopg drop them (it prepares nothing itself).
+    with engine.connect() as conn:
+        for _ in range(6):
+            conn.execute(select(func.count()).select_from(events))
+        conn.rollback()
+    assert store.record(make("contact.updated", {"id": "c1", "username": "m"}, "e3")) is Outcome.APPLIED
+    assert store.retries == 1
+    assert row(engine, "contact", "c1")["username"] == "m"
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-def test_the_pipelined_read_keeps_using_the_indexes_as_an_empty_log_grows(db_url):
+def test_the_pipelined_read_keeps_using_the_indexes_as_an_empty_log_grows(one_connection):
     """PostgreSQL would keep one generic plan for a prepared statement from its sixth execution,
     made while the tables were empty: a sequential scan of the change log for every event."""
-    engine = create_engine_for(make_config(db_url), pool_size=1, max_overflow=0)
-    try:
-        store = EventStore(engine)
-        for i in range(8):
-            assert store.record(make("contact.created", {"id": f"c{i}"}, f"e{i}")) is Outcome.APPLIED
-        with engine.begin() as conn:  # the log grows, faster than autovacuum would analyze it
-            conn.exec_driver_sql(
-                "INSERT INTO coherent_events (event_id, type, resource, action, resource_id, payload, received_at, outcome) "
-                "SELECT 'g' || i, 'contact.created', 'contact', 'created', 'g' || i, '{}', now(), 'applied' "
-                "FROM generate_series(1, 20000) AS i"
-            )
-        with engine.connect() as conn:  # the same, only, pooled connection, where the read is prepared
-            [name] = conn.exec_driver_sql(
-                "SELECT name FROM pg_prepared_statements WHERE starts_with(statement, 'WITH locked_')"
-            ).scalars()
-            arrays = ", ".join(["'{e1}'::text[]"] + ["'{}'::text[]"] * 5)
-            plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN EXECUTE {name}({arrays})").scalars())
-        assert "Seq Scan on coherent_events" not in plan and "uq_coherent_events_event_id" in plan
-    finally:
-        engine.dispose()
+    engine = one_connection
+    store = EventStore(engine)
+    for i in range(8):
+        assert store.record(make("contact.created", {"id": f"c{i}"}, f"e{i}")) is Outcome.APPLIED
+    with engine.begin() as conn:  # the log grows, faster than autovacuum would analyze it
+        conn.exec_driver_sql(
+            "INSERT INTO coherent_events (event_id, type, resource, action, resource_id, payload, received_at, outcome) "
+            "SELECT 'g' || i, 'contact.created', 'contact', 'created', 'g' || i, '{}', now(), 'applied' "
+            "FROM generate_series(1, 20000) AS i"
+        )
+    with engine.connect() as conn:  # the same, only, pooled connection, where the read is prepared
+        [name] = conn.exec_driver_sql(
+            "SELECT name FROM pg_prepared_statements WHERE starts_with(statement, 'WITH locked_')"
+        ).scalars()
+        arrays = ", ".join(["'{e1}'::text[]"] + ["'{}'::text[]"] * 5)
+        plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN EXECUTE {name}({arrays})").scalars())
+    assert "Seq Scan on coherent_events" not in plan and "uq_coherent_events_event_id" in plan
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-def test_a_session_that_lost_one_prepared_statement_recovers_in_one_retry(db_url):
+def test_a_session_that_lost_one_prepared_statement_recovers_in_one_retry(one_connection):
     """Dropping one statement must not leave the connection failing: the next pipeline drops them all
     and prepares again what it needs."""
-    engine = create_engine_for(make_config(db_url), pool_size=1, max_overflow=0)
-    try:
-        store = EventStore(engine)
-        assert store.record(make("contact.created", {"id": "c0"}, "e0")) is Outcome.APPLIED
-        with engine.connect() as conn:
-            [name] = conn.exec_driver_sql(
-                "SELECT name FROM pg_prepared_statements WHERE starts_with(statement, 'INSERT INTO coherent_events')"
-            ).scalars()
-            conn.exec_driver_sql(f"DEALLOCATE {name}")
-            conn.commit()
-        for i in range(1, 5):
-            assert store.record(make("contact.updated", {"id": "c0", "username": f"u{i}"}, f"e{i}")) is Outcome.APPLIED
-        assert store.retries == 1
-        assert row(engine, "contact", "c0")["username"] == "u4"
-    finally:
-        engine.dispose()
+    engine = one_connection
+    store = EventStore(engine)
+    assert store.record(make("contact.created", {"id": "c0"}, "e0")) is Outcome.APPLIED
+    with engine.connect() as conn:
+        [name] = conn.exec_driver_sql(
+            "SELECT name FROM pg_prepared_statements WHERE starts_with(statement, 'INSERT INTO coherent_events')"
+        ).scalars()
+        conn.exec_driver_sql(f"DEALLOCATE {name}")
+        conn.commit()
+    for i in range(1, 5):
+        assert store.record(make("contact.updated", {"id": "c0", "username": f"u{i}"}, f"e{i}")) is Outcome.APPLIED
+    assert store.retries == 1
+    assert row(engine, "contact", "c0")["username"] == "u4"
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
