@@ -11,8 +11,9 @@ so every run starts from the same log.
 
 Then, on the largest database, the statements the store sends for one event of each of the fifteen
 types (new ids, and updates and deletes of ids already in the log) are run again under
-``EXPLAIN (ANALYZE)`` inside a transaction that is rolled back, and their plans printed. A
-sequential scan on this hot path would make ingest slow down as the log grows.
+``EXPLAIN (ANALYZE)`` inside a transaction that is rolled back, and their plans printed: for the
+statements the pipelined path prepares, the generic plans it made and keeps. A sequential scan on
+this hot path would make ingest slow down as the log grows.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from psycopg import pq
 from sqlalchemy import create_engine, text
 
 from bench import common
@@ -108,18 +110,30 @@ def explain_hot_path(url: str) -> list[tuple[str, str]]:
         with engine.connect() as conn, conn.begin() as transaction:
             conn.exec_driver_sql("SELECT 1")  # psycopg's BEGIN: libpq's own statements below then run inside it
             driver = conn.connection.driver_connection
+            # The plans the hot path runs: the generic ones the pipeline made on this connection
+            # (the only one in the pool), under the setting it plans them with.
+            driver.pgconn.exec_(pipeline._PLAN_WITH_INDEXES)
             for statement, parameters, placeholders in sent.statements:
-                explain = f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {statement}"
+                options = "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF)"
                 if placeholders == "libpq":
-                    result = driver.pgconn.exec_params(explain.encode(), parameters)
+                    name = pipeline.Statement(statement, ()).name.decode()
+                    literals = ", ".join("NULL" if p is None else literal(p.decode()) for p in parameters)
+                    result = driver.pgconn.exec_(f"{options} EXECUTE {name}({literals})".encode())
+                    if result.status != pq.ExecStatus.TUPLES_OK:
+                        raise RuntimeError(result.error_message.decode())
                     lines = [result.get_value(row, 0).decode() for row in range(result.ntuples)]
                 else:
-                    lines = [row[0] for row in driver.execute(explain, parameters).fetchall()]
+                    lines = [row[0] for row in driver.execute(f"{options} {statement}", parameters).fetchall()]
                 plans.append((statement, "\n".join(lines)))
             transaction.rollback()
     finally:
         engine.dispose()
     return plans
+
+
+def literal(value: str) -> str:
+    """``value`` as an SQL string literal (standard_conforming_strings is on by default)."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def shorten(statement: str) -> str:

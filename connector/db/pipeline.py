@@ -145,6 +145,13 @@ def _read_statement() -> Statement:
 
 _READ = _read_statement()
 
+# Every statement here finds its rows by key. Each is planned once per connection, generically (the
+# connection's plan_cache_mode, see connector.db.engine), and again whenever PostgreSQL invalidates
+# the plan, for instance after autovacuum analyzed a table. Planned while a table is empty or small, a
+# sequential scan looks cheapest, and that plan would stay as the table grows: without sequential
+# scans, the plan uses the index at every size. LOCAL: the rest of the session plans as usual.
+_PLAN_WITH_INDEXES = b"SET LOCAL enable_seqscan = off"
+
 
 @functools.cache
 def _delete_children(resource: str) -> Statement:
@@ -350,6 +357,7 @@ def record_events(conn: Connection, deliveries: Sequence[tuple[Event, datetime]]
         with driver_errors(conn, "pipelined transaction"), _pipeline(driver) as pipeline:
             if driver.pgconn.transaction_status == pq.TransactionStatus.IDLE:
                 pipeline.command(_begin(driver))
+            pipeline.command(_PLAN_WITH_INDEXES)
             pipeline.execute(_READ, read)
             seen, states = _read(pipeline.sync()[-1], locks)
 
