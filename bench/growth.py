@@ -112,15 +112,17 @@ def explain_hot_path(url: str) -> list[tuple[str, str]]:
             driver = conn.connection.driver_connection
             # The plans the hot path runs: the generic ones the pipeline made on this connection
             # (the only one in the pool), under the setting it plans them with.
-            driver.pgconn.exec_(pipeline._PLAN_WITH_INDEXES)
+            libpq(driver.pgconn, pipeline._PLAN_ONCE.sql.encode())
+            escaping = pq.Escaping(driver.pgconn)
             for statement, parameters, placeholders in sent.statements:
+                if statement == pipeline._PLAN_ONCE.sql:  # the settings themselves: no table
+                    continue
                 options = "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF)"
                 if placeholders == "libpq":
-                    name = pipeline.Statement(statement, ()).name.decode()
-                    literals = ", ".join("NULL" if p is None else literal(p.decode()) for p in parameters)
-                    result = driver.pgconn.exec_(f"{options} EXECUTE {name}({literals})".encode())
-                    if result.status != pq.ExecStatus.TUPLES_OK:
-                        raise RuntimeError(result.error_message.decode())
+                    # EXECUTE takes no bound parameters: they go as literals, typed by the statement.
+                    name = pipeline.Statement(statement, ()).name
+                    literals = b", ".join(b"NULL" if p is None else escaping.escape_literal(p) for p in parameters)
+                    result = libpq(driver.pgconn, b"%s EXECUTE %s(%s)" % (options.encode(), name, literals))
                     lines = [result.get_value(row, 0).decode() for row in range(result.ntuples)]
                 else:
                     lines = [row[0] for row in driver.execute(f"{options} {statement}", parameters).fetchall()]
@@ -131,9 +133,12 @@ def explain_hot_path(url: str) -> list[tuple[str, str]]:
     return plans
 
 
-def literal(value: str) -> str:
-    """``value`` as an SQL string literal (standard_conforming_strings is on by default)."""
-    return "'" + value.replace("'", "''") + "'"
+def libpq(pgconn: pq.abc.PGconn, sql: bytes) -> pq.abc.PGresult:
+    """Run ``sql`` on ``pgconn`` through libpq; its result, or an error with the server's message."""
+    result = pgconn.exec_(sql)
+    if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
+        raise RuntimeError(result.error_message.decode())
+    return result
 
 
 def shorten(statement: str) -> str:

@@ -438,8 +438,8 @@ def test_the_pipelined_path_prepares_its_statements_again_after_deallocate_all(o
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_the_pipelined_read_keeps_using_the_indexes_as_an_empty_log_grows(one_connection):
-    """The pipelined path's statements are planned once per connection, and again when a plan is
-    invalidated, as by ANALYZE. Planned on an empty log, a generic plan would scan the change log
+    """The pipelined path's statements keep one plan per connection, made again when a plan is
+    invalidated, as by ANALYZE. Planned on an empty log, that plan would scan the change log
     sequentially for every event, and keep doing so as the log grows."""
     engine = one_connection
     store = EventStore(engine)
@@ -456,13 +456,20 @@ def test_the_pipelined_read_keeps_using_the_indexes_as_an_empty_log_grows(one_co
             "FROM generate_series(1, 20000) AS i"
         )
     with engine.connect() as conn:  # the same, only, pooled connection, where the read is prepared
-        [name] = conn.exec_driver_sql(
-            "SELECT name FROM pg_prepared_statements WHERE starts_with(statement, 'WITH locked_')"
-        ).scalars()
+        [(name, generic, custom)] = conn.exec_driver_sql(
+            "SELECT name, generic_plans, custom_plans FROM pg_prepared_statements "
+            "WHERE starts_with(statement, 'WITH locked_')"
+        )
+        # Under the pipeline's settings, EXPLAIN EXECUTE shows the plan it keeps.
+        conn.exec_driver_sql(pipeline._PLAN_ONCE.sql)
         arrays = ", ".join(["'{e1}'::text[]"] + ["'{}'::text[]"] * 5)
         plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN EXECUTE {name}({arrays})").scalars())
-        # The setting that keeps sequential scans out of those plans stays within the pipeline's transactions.
+        conn.rollback()
+        # Those settings end with the pipeline's transactions: the session, and every other path,
+        # still plans each statement for its parameters.
         assert conn.exec_driver_sql("SHOW enable_seqscan").scalar_one() == "on"
+        assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "force_custom_plan"
+    assert (generic, custom) == (8, 0)  # one plan kept, not one made per execution
     assert "Seq Scan on coherent_events" not in plan and "uq_coherent_events_event_id" in plan
 
 

@@ -80,13 +80,13 @@ def create_engine_for(config: Config, **kwargs: Any) -> Engine:
     if backend == "postgresql":
         # A held lock fails the statement after lock_timeout, well before gunicorn's worker timeout,
         # so the sender gets a 503 to retry rather than a dropped connection.
-        # The pipelined path prepares its statements once per connection (connector.db.pipeline), and
-        # planning them at every execution was 40% of the database's CPU per webhook. Each is planned
-        # once, generically; that path plans them without sequential scans, since each is a key
-        # lookup. Only named prepared statements follow plan_cache_mode: psycopg prepares none here,
-        # and SQLAlchemy's statements are planned for their parameters every time.
+        # Statements are planned for their parameters at every execution, which keeps them on the
+        # indexes at every table size: a plan cached while the tables were small would stay a
+        # sequential scan as they grow (tested). The pipelined path, whose statements are all key
+        # lookups, keeps one plan per statement instead, set up inside its own transactions
+        # (connector.db.pipeline).
         options["connect_args"] = {
-            "options": f"-c lock_timeout={int(config.lock_timeout_ms)} -c plan_cache_mode=force_generic_plan",
+            "options": f"-c lock_timeout={int(config.lock_timeout_ms)} -c plan_cache_mode=force_custom_plan",
             "connect_timeout": connect_timeout,
         }
         if url.get_driver_name() == "psycopg":
