@@ -114,10 +114,10 @@ def explain_hot_path(url: str) -> list[tuple[str, str]]:
             # (the only one in the pool), under the setting it plans them with.
             libpq(driver.pgconn, pipeline._PLAN_ONCE.sql.encode())
             escaping = pq.Escaping(driver.pgconn)
+            options = "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF)"
             for statement, parameters, placeholders in sent.statements:
                 if statement == pipeline._PLAN_ONCE.sql:  # the settings themselves: no table
                     continue
-                options = "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF)"
                 if placeholders == "libpq":
                     # EXECUTE takes no bound parameters: they go as literals, typed by the statement.
                     name = pipeline.Statement(statement, ()).name

@@ -5,8 +5,8 @@ The webhook receiver records a few events per transaction (one, or a group; see
 client's CPU per statement outweighs the database's work. Here the same plan (``connector.db.plan``)
 goes through libpq's pipeline mode on the connection SQLAlchemy holds:
 
-1. ``BEGIN`` and one statement that reads the seen event ids and locks every touched row
-   (``SELECT ... FOR UPDATE``, in id order);
+1. ``BEGIN``, the transaction's plan settings (``_PLAN_ONCE``), and one statement that reads the
+   seen event ids and locks every touched row (``SELECT ... FOR UPDATE``, in id order);
 2. the ordering rules, in Python, exactly as on every other path;
 3. every write, and ``COMMIT``.
 
@@ -14,8 +14,8 @@ Steps 1 and 3 each leave in one ``send()`` and are answered after one wait. psyc
 sends every statement, and every row of an ``executemany``, the moment it is queued, and a
 transaction's ``BEGIN`` in a round trip of its own: a group of two events took 15 sends and three
 waits, and each send woke the database's backend again. The statements are prepared once per
-connection (named ``coherent_*``, beside psycopg's ``_pg3_*``), and every parameter goes as text in
-the form PostgreSQL reads for its column's type.
+connection (named ``coherent_*``; psycopg prepares none of its own here) and planned once, and every
+parameter goes as text in the form PostgreSQL reads for its column's type.
 
 A row or event id that a concurrent writer created first makes a plain INSERT fail with a unique
 violation; that aborts the rest of the pipeline, ``COMMIT`` included, so nothing is half written,
