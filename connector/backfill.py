@@ -9,6 +9,7 @@ a bucket by its resource id, so all events of one row share a bucket; a loader t
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import dataclasses
@@ -25,6 +26,8 @@ from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from connector.errors import FileChanged, ImportFailed, InvalidEnvelope
 from connector.events import Event, decode_json, event_from_document
@@ -54,10 +57,10 @@ def _received_at(value: Any) -> datetime:
     return instant.astimezone(UTC)
 
 
-def parse_line(number: int, text: bytes) -> Line:
+def parse_line(number: int, text: bytes, decode: Callable[[bytes], Any] = decode_json) -> Line:
     """Parse one line as an envelope with an optional ``received_at``; a bad line names its problem."""
     try:
-        document = decode_json(text)
+        document = decode(text)
         event = event_from_document(document)
         received_at = _received_at(document[RECEIVED_AT]) if RECEIVED_AT in document else None
     except InvalidEnvelope as exc:
@@ -90,6 +93,8 @@ class Check:
     first_bad: list[Line] = dataclasses.field(default_factory=list)  # up to ``keep``, in file order
     # One byte per line of the file, blank ones included: its bucket, or SKIP.
     plan: bytearray = dataclasses.field(default_factory=bytearray)
+    # The CRC-32 of every line of the file, blank ones included: a loader reads only what was checked.
+    crcs: array.array[int] = dataclasses.field(default_factory=lambda: array.array("I"))
 
 
 @contextlib.contextmanager
@@ -126,6 +131,7 @@ def _check_range(path: Path, start: int, end: int, keep: int) -> tuple[int, Chec
         while position < end and (text := fh.readline()):
             position += len(text)
             number += 1
+            check.crcs.append(zlib.crc32(text))
             if not text.strip():
                 check.plan.append(SKIP)
                 continue
@@ -210,23 +216,48 @@ def check_file(
         room = keep - len(check.first_bad)
         check.first_bad += [dataclasses.replace(line, number=line.number + offset) for line in part.first_bad[:room]]
         check.plan += part.plan
+        check.crcs += part.crcs
         offset += count
     return check
 
 
-def planned_lines(path: Path, plan: bytes, loader: int, loaders: int) -> Iterator[Line]:
-    """The lines of ``path`` whose buckets in ``plan`` fall to ``loader`` of ``loaders``, in file order.
+# orjson reads an integer beyond 64 bits as a float; Python's decoder keeps it exact. A line with a run
+# of 19 digits anywhere (an id, say) goes to Python's decoder: rare, and then merely slower. The run is
+# found by turning every digit into "0" and every other byte into a space (a regex took 3 us a line).
+_DIGITS_ONLY = bytes(ord("0") if chr(byte) in "0123456789" else ord(" ") for byte in range(256))
+_LONG_DIGITS = b"0" * 19
 
-    Raises :class:`FileChanged` if the file no longer holds what checking it found.
+
+def decode_checked(text: bytes) -> Any:
+    """Decode a line that :func:`decode_json` has accepted, to the same value, in about half the time.
+
+    orjson reads every document the strict check accepts as Python's decoder does, except an integer
+    beyond 64 bits (a float to orjson) and a lone surrogate (which it refuses): those lines go to
+    Python's decoder. orjson would not notice a duplicate key, so this is only for lines already
+    checked, byte for byte.
     """
-    number = 0
+    if _LONG_DIGITS not in text.translate(_DIGITS_ONLY):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            return orjson.loads(text)
+    return decode_json(text)
+
+
+def planned_lines(path: Path, check: Check, loader: int, loaders: int) -> Iterator[Line]:
+    """The lines of ``path`` whose buckets in ``check.plan`` fall to ``loader`` of ``loaders``, in file order.
+
+    Raises :class:`FileChanged` if the file no longer holds, byte for byte, what checking it found.
+    """
+    number, plan, crcs = 0, check.plan, check.crcs
     with path.open("rb") as fh:
         for number, text in enumerate(fh, start=1):
             if number > len(plan):
                 break
             bucket = plan[number - 1]
             if bucket != SKIP and loader_of(bucket, loaders) == loader:
-                line = parse_line(number, text)
+                if zlib.crc32(text) != crcs[number - 1]:
+                    break
+                # Checked already, and unchanged since: decoded by the fast decoder.
+                line = parse_line(number, text, decode_checked)
                 if line.event is None or bucket_of(line.event) != bucket:
                     break
                 yield line

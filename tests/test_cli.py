@@ -20,14 +20,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, func, inspect, select, text
 
-from connector.backfill import SKIP, bucket_of, check_file, fewer_collections, loader_of, parse_line, planned_lines
+from connector.backfill import (
+    SKIP,
+    Check,
+    bucket_of,
+    check_file,
+    decode_checked,
+    fewer_collections,
+    loader_of,
+    parse_line,
+    planned_lines,
+)
 from connector.cli import cli
 from connector.db.migrate import head_revision
 from connector.db.schema import events, metadata
 from connector.db.store import EventStore
 from connector.db.transfer import _load_apart
-from connector.errors import FileChanged, ImportFailed
-from connector.events import event_from_document
+from connector.db.types import json_dumps
+from connector.errors import FileChanged, ImportFailed, InvalidEnvelope
+from connector.events import decode_json, event_from_document
 from tests.conftest import SECRET, Gunicorn, empty_tables, envelope, free_port, make_config
 
 ROOT = Path(__file__).parent.parent
@@ -348,8 +359,66 @@ def test_checking_a_file_in_parallel_parts_finds_what_reading_it_line_by_line_do
             taker[line.number - 1] = loader_of(bucket_of(line.event), loaders)
     assert list(check.plan) == plan
     for loader in range(loaders):
-        numbers = [line.number for line in planned_lines(path, check.plan, loader, loaders)]
+        numbers = [line.number for line in planned_lines(path, check, loader, loaders)]
         assert numbers == [number for number, took in enumerate(taker, start=1) if took == loader]
+
+
+# Any JSON value, with the strings and numbers where decoders part ways: lone surrogates, integers
+# beyond 64 bits, floats at the edges of their range.
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec=None, exclude_categories=())),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=_JSON_VALUES, ascii_only=st.booleans(), spaced=st.booleans())
+def test_the_loaders_fast_decoder_reads_every_checked_line_as_the_check_did(value, ascii_only, spaced):
+    """Loaders decode lines the check accepted with orjson: it must give the very value Python's
+    decoder gives (int against float included, which json_dumps tells apart), or hand the line over."""
+    separators = (", ", ": ") if spaced else (",", ":")
+    try:
+        text = json.dumps(value, ensure_ascii=ascii_only, separators=separators).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate written raw is not UTF-8: no line holds one
+        return
+    try:
+        checked = decode_json(text + b"\n")
+    except InvalidEnvelope:  # refused by the check (a number too long, say): never loaded
+        return
+    assert json_dumps(decode_checked(text + b"\n")) == json_dumps(checked)
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [
+        "18446744073709551615",  # the largest unsigned 64-bit integer
+        "18446744073709551616",  # one more: orjson would read it as a float
+        "-9223372036854775809",
+        "1" * 100,
+        "123456789012345678901234567890.5",
+        "5e-324",
+        "2.2250738585072011e-308",
+        "1e-400",
+        "1.7976931348623157e308",
+        "-0",
+        "-0.0",
+        "0e0",
+        '"\\ud800"',
+        '"\\udc00\\ud800"',
+        '"\\ud83d\\ude00"',
+        '"\\u0000"',
+    ],
+)
+def test_the_loaders_fast_decoder_at_the_edges_of_numbers_and_strings(literal):
+    text = f'{{"id": "e1", "payload": {{"value": [{literal}]}}}}'.encode()
+    assert json_dumps(decode_checked(text)) == json_dumps(decode_json(text))
+    assert type(decode_checked(text)["payload"]["value"][0]) is type(decode_json(text)["payload"]["value"][0])
 
 
 def test_bulk_work_leaves_the_callers_garbage_collector_as_it_found_it(db_url, tmp_path):
@@ -374,12 +443,19 @@ def test_bulk_work_leaves_the_callers_garbage_collector_as_it_found_it(db_url, t
 def test_a_file_that_changes_after_its_check_stops_the_load(tmp_path):
     documents = history()
     path = write_lines(tmp_path / "h.jsonl", documents)
-    plan = check_file(path).plan
-    assert [line.event.event_id for line in planned_lines(path, plan, 0, 1)] == [d["id"] for d in documents]
-    for changed in (documents[:-1], [*documents, documents[0]], [*documents[:3], {"id": "x"}, *documents[4:]]):
+    check = check_file(path)
+    assert [line.event.event_id for line in planned_lines(path, check, 0, 1)] == [d["id"] for d in documents]
+    edited = json.loads(json.dumps(documents[2]))
+    edited["payload"]["username"] = "edited after the check"  # the same row, so the same bucket and loader
+    for changed in (
+        documents[:-1],
+        [*documents, documents[0]],
+        [*documents[:3], {"id": "x"}, *documents[4:]],
+        [*documents[:2], edited, *documents[3:]],
+    ):
         write_lines(path, changed)
         with pytest.raises(FileChanged, match="changed while it was imported"):
-            list(planned_lines(path, plan, 0, 1))
+            list(planned_lines(path, check, 0, 1))
 
 
 def test_a_line_moved_to_another_loaders_row_since_the_check_stops_the_load(tmp_path):
@@ -391,10 +467,10 @@ def test_a_line_moved_to_another_loaders_row_since_the_check_stops_the_load(tmp_
     }
     mine, other = next(r for r in rows if loader[r] == 0), next(r for r in rows if loader[r] == 1)
     path = write_lines(tmp_path / "m.jsonl", [envelope("contact.created", {"id": mine}, "e1")])
-    plan = check_file(path).plan
+    check = check_file(path)
     write_lines(path, [envelope("contact.created", {"id": other}, "e1")])
     with pytest.raises(FileChanged, match="at line 1"):
-        list(planned_lines(path, plan, 0, 2))
+        list(planned_lines(path, check, 0, 2))
 
 
 def test_a_loaders_unexpected_error_reaches_the_import_by_name(tmp_path):
@@ -402,7 +478,7 @@ def test_a_loaders_unexpected_error_reaches_the_import_by_name(tmp_path):
     into a misleading 'process pool broken'. Here, the file vanished before the loader opened it."""
     config = make_config(f"sqlite:///{tmp_path / 'x.db'}")
     with pytest.raises(ImportFailed, match="a loader failed: FileNotFoundError") as caught:
-        _load_apart(config, tmp_path / "gone.jsonl", b"\x00", 0, 1, 10, lambda size: None)
+        _load_apart(config, tmp_path / "gone.jsonl", Check(plan=bytearray(b"\x00")), 0, 1, 10, lambda size: None)
     assert pickle.loads(pickle.dumps(caught.value)).args == caught.value.args  # noqa: S301 - our own bytes
 
 

@@ -112,7 +112,7 @@ def _report(size: int) -> None:
 def _load(
     config: Config,
     path: Path,
-    plan: bytes,
+    check: Check,
     loader: int,
     loaders: int,
     batch_size: int,
@@ -121,7 +121,7 @@ def _load(
     """Load ``loader``'s lines of ``path`` through a store of its own."""
     store = EventStore(create_engine_for(config), retry_attempts=config.retry_attempts)
     outcomes: Counter[str] = Counter()
-    lines = planned_lines(path, plan, loader, loaders)
+    lines = planned_lines(path, check, loader, loaders)
     try:
         with fewer_collections():
             import_lines(store, lines, batch_size=batch_size, on_batch=on_batch, into=outcomes)
@@ -171,7 +171,7 @@ def import_file(
     (:class:`ImportFailed` for a loader that died): what was committed stays, and a rerun completes it.
     """
     if loaders == 1:
-        return _load(config, path, check.plan, 0, 1, batch_size, on_batch)
+        return _load(config, path, check, 0, 1, batch_size, on_batch)
     context = FORK or multiprocessing.get_context()
     progress, stop = context.Queue(), context.Event()
     outcomes: Counter[str] = Counter()
@@ -179,7 +179,7 @@ def import_file(
     initargs = (os.getpid(), progress, stop)
     with ProcessPoolExecutor(loaders, mp_context=context, initializer=_start_loader, initargs=initargs) as pool:
         futures = [
-            pool.submit(_load_apart, config, path, check.plan, n, loaders, batch_size, _report) for n in range(loaders)
+            pool.submit(_load_apart, config, path, check, n, loaders, batch_size, _report) for n in range(loaders)
         ]
         try:
             pending = set(futures)
