@@ -8,6 +8,7 @@ When the lock is released they are committed together, in one transaction.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -219,3 +220,37 @@ def test_many_threads_at_once_each_get_their_own_answer(store, engine, count):
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(events)) == count
     assert sorted(log_ids(engine)) == sorted(f"p-{n}" for n in range(count))
+
+
+def test_a_leader_lets_the_requests_ready_to_run_join_its_group(store, engine):
+    """Two requests at once, neither waiting on the database: the first to lead yields Python's lock
+    before it takes the queue, so the other's event, ready a moment later, shares its transaction.
+
+    Whether the other thread is ready in time is up to the OS's scheduler, so the pair is sent 20
+    times; without the yield, Python's lock would never change hands in time, and no pair would share.
+    """
+    transactions = Transactions(store)
+    group_commit = GroupCommit(store)
+    start = threading.Barrier(2)
+
+    def send(event: Event) -> None:
+        start.wait()  # the last to arrive runs on; the other is woken and waits for Python's lock
+        ready = time.perf_counter() + 0.002
+        while time.perf_counter() < ready:  # keep the lock while the OS wakes the other thread
+            pass
+        group_commit.record(event)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(30)  # Python's lock changes hands only when its holder lets go
+    try:
+        for pair in range(20):
+            batch = [contact(f"r{pair}-{n}", "ready", f"r{pair}-{n}") for n in range(2)]
+            threads = [threading.Thread(target=send, args=(event,)) for event in batch]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+    finally:
+        sys.setswitchinterval(switch)
+    assert sum(transactions.batches) == 40 and len(log_ids(engine)) == 40
+    assert transactions.batches.count(2) >= 5, transactions.batches
