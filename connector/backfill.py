@@ -4,7 +4,8 @@ A line is one Coherent webhook envelope ``{"id", "type", "payload"}``, optionall
 ``"received_at"``: an ISO 8601 instant with a UTC offset. Every line is checked before anything is
 written, a large file in parts, one process per core. The check also plans the load: each line gets
 a bucket by its resource id, so all events of one row share a bucket; a loader takes whole buckets
-(``connector.db.transfer``), and so applies each row's events in file order.
+(``connector.db.transfer``), and so applies each row's events in file order. The check keeps each
+line's CRC-32 too: a loader reads only lines unchanged since, with a faster decoder.
 """
 
 from __future__ import annotations
