@@ -104,8 +104,8 @@ class GroupCommit:
         """Commit everything queued (this request's event included), then hand over to the next."""
         # Let the threads of this worker that are ready to run (a request read, about to queue its
         # event) go first: the group then takes their events too. Under wrk with 4 workers, groups of
-        # one fell from 48% to 13% of transactions, and their mean size rose from 2.1 to 2.9 events.
-        # A lone event loses only a system call.
+        # one fell from half of all transactions to a fifth, and the mean group grew from 2.1 to 2.9
+        # events (docs/performance.md). A lone event loses only a system call.
         time.sleep(0)
         with self._lock:
             group = list(self._queue)
