@@ -246,17 +246,16 @@ def decode_checked(text: bytes) -> Any:
 def planned_lines(path: Path, check: Check, loader: int, loaders: int) -> Iterator[Line]:
     """The lines of ``path`` whose buckets in ``check.plan`` fall to ``loader`` of ``loaders``, in file order.
 
-    Raises :class:`FileChanged` if the file no longer holds, byte for byte, what checking it found.
+    Raises :class:`FileChanged` if the file no longer holds what checking it found: any line whose
+    CRC-32 differs (a blank or bad line too, which may have become an event), or more or fewer lines.
     """
     number, plan, crcs = 0, check.plan, check.crcs
     with path.open("rb") as fh:
         for number, text in enumerate(fh, start=1):
-            if number > len(plan):
+            if number > len(plan) or zlib.crc32(text) != crcs[number - 1]:
                 break
             bucket = plan[number - 1]
             if bucket != SKIP and loader_of(bucket, loaders) == loader:
-                if zlib.crc32(text) != crcs[number - 1]:
-                    break
                 # Checked already, and unchanged since: decoded by the fast decoder.
                 line = parse_line(number, text, decode_checked)
                 if line.event is None or bucket_of(line.event) != bucket:

@@ -271,6 +271,20 @@ def test_an_import_in_parallel_gives_what_one_process_gives(db_url, engine, tmp_
     assert seq_order_per_row(engine) == file_order_per_row(documents)
 
 
+def test_forked_loaders_share_the_files_check_rather_than_each_unpickling_a_copy(db_url, engine, tmp_path, monkeypatch):
+    """The check holds 5 bytes a line (50 MB for a 10M-line file); a loader forked from the import
+    shares the parent's instead of receiving a pickled copy of its own."""
+
+    def refuse(self, protocol):
+        raise AssertionError("the file's check was pickled for a loader")
+
+    monkeypatch.setattr(Check, "__reduce_ex__", refuse)
+    path = write_lines(tmp_path / "busy.jsonl", busy_history())
+    result = run("--database-url", db_url, "import", str(path), "--processes", "2", "--batch-size", "25")
+    assert result.exit_code == 0, result.output
+    assert "applied" in result.stdout
+
+
 def test_one_event_id_on_two_rows_is_recorded_once_when_loaders_race_for_it(db_url, engine, tmp_path):
     """Coherent never reuses an event id, but a hand-made file may: the loaders of the two rows race
     for it, the loser finds it recorded and counts it a duplicate, and the import completes."""
@@ -456,6 +470,21 @@ def test_a_file_that_changes_after_its_check_stops_the_load(tmp_path):
         write_lines(path, changed)
         with pytest.raises(FileChanged, match="changed while it was imported"):
             list(planned_lines(path, check, 0, 1))
+
+
+def test_a_blank_line_that_became_an_event_after_the_check_stops_the_load(tmp_path):
+    """No loader takes a blank line, so its CRC is what shows that it now holds an event that would
+    otherwise be left out unseen."""
+    lines = [json.dumps(document) for document in history()]
+    path = tmp_path / "b.jsonl"
+    path.write_text("\n".join([lines[0], "", *lines[1:]]) + "\n")
+    check = check_file(path)
+    path.write_text(
+        "\n".join([lines[0], json.dumps(envelope("contact.created", {"id": "new"}, "n1")), *lines[1:]]) + "\n"
+    )
+    for loader in range(2):
+        with pytest.raises(FileChanged, match="at line 2"):
+            list(planned_lines(path, check, loader, 2))
 
 
 def test_a_line_moved_to_another_loaders_row_since_the_check_stops_the_load(tmp_path):

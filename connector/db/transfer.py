@@ -95,12 +95,15 @@ class _Stopped(Exception):
 # Set in each loader process by _start_loader: where it reports progress, and the signal to stop.
 _progress: Any = None
 _stop: Any = None
+# The file's check (its plan and a CRC-32 per line: 5 bytes a line), given to each loader process when
+# it starts: where processes fork, the loader shares the parent's copy instead of unpickling its own.
+_check: Check | None = None
 
 
-def _start_loader(parent: int, progress: Any, stop: Any) -> None:
-    global _progress, _stop  # one process's own channel to its parent
+def _start_loader(parent: int, progress: Any, stop: Any, check: Check) -> None:
+    global _progress, _stop, _check  # one process's own channel to its parent, and the file's check
     die_with_parent(parent)
-    _progress, _stop = progress, stop
+    _progress, _stop, _check = progress, stop, check
 
 
 def _report(size: int) -> None:
@@ -143,6 +146,12 @@ def _load_apart(*args: Any) -> Counter[str]:
         raise ImportFailed(f"a loader failed: {type(exc).__name__}: {exc}"[:500]) from None
 
 
+def _load_started(config: Config, path: Path, loader: int, *args: Any) -> Counter[str]:
+    """:func:`_load_apart` with the check this loader process was started with."""
+    assert _check is not None, "a loader process starts with _start_loader"
+    return _load_apart(config, path, _check, loader, *args)
+
+
 # Loaders by default: one per core, up to this many (each holds a database connection).
 _DEFAULT_MAX_LOADERS = 8
 
@@ -176,11 +185,9 @@ def import_file(
     progress, stop = context.Queue(), context.Event()
     outcomes: Counter[str] = Counter()
     reported = 0
-    initargs = (os.getpid(), progress, stop)
+    initargs = (os.getpid(), progress, stop, check)
     with ProcessPoolExecutor(loaders, mp_context=context, initializer=_start_loader, initargs=initargs) as pool:
-        futures = [
-            pool.submit(_load_apart, config, path, check, n, loaders, batch_size, _report) for n in range(loaders)
-        ]
+        futures = [pool.submit(_load_started, config, path, n, loaders, batch_size, _report) for n in range(loaders)]
         try:
             pending = set(futures)
             while pending:
